@@ -1,0 +1,150 @@
+"""Checkpoints: one folder that holds everything needed to continue exactly.
+
+Layout of a checkpoint folder:
+    model.pt        model state_dict (plain tensors, no DDP/compile prefixes)
+    train_state.pt  optimizer, GradScaler, RNG states (tensors and plain data)
+    meta.json       step, tokens seen, data position, model shape, dataset
+                    manifest hash, the resolved config, and the sha256 of
+                    both .pt files; written last
+Everything loads with `torch.load(weights_only=True)`, so a checkpoint never
+unpickles arbitrary objects, and the sha256 check turns a tampered or
+truncated file into an error instead of silently wrong weights. A folder
+without a meta.json (a writer killed mid-way) is never taken for a
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptdist.model import GPT, GPTConfig
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def clean_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict of the bare GPT: unwraps DDP (`module.`) and torch.compile
+    (`_orig_mod.`) so checkpoints load into a plain model."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(
+    folder: str | Path,
+    model_state: dict[str, torch.Tensor],
+    train_state: dict[str, Any] | None,
+    meta: dict[str, Any],
+) -> Path:
+    """Write a checkpoint into `folder` (created). meta.json goes last and
+    is renamed into place, so a crash leaves a folder `load` rejects."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model_state, folder / MODEL_FILE)
+    files = {MODEL_FILE: _sha256(folder / MODEL_FILE)}
+    if train_state is not None:
+        torch.save(train_state, folder / STATE_FILE)
+        files[STATE_FILE] = _sha256(folder / STATE_FILE)
+    meta = {**meta, "format_version": FORMAT_VERSION, "files": files}
+    tmp = folder / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, folder / META_FILE)
+    return folder
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(
+            f"{folder} is not a complete checkpoint: {META_FILE} is missing "
+            "(an interrupted write, or not a checkpoint folder)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path}: checkpoint format {meta.get('format_version')!r}, "
+            f"this gptdist reads {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def _load_verified(folder: Path, name: str, meta: dict[str, Any]) -> Any:
+    path = folder / name
+    expected = meta["files"].get(name)
+    if expected is None or not path.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no {name}")
+    actual = _sha256(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"{path} has sha256 {actual} but {META_FILE} records {expected}: "
+            "the file was altered or truncated"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an unpicklable object or a corrupt archive
+        raise CheckpointError(f"{path} cannot be loaded safely (weights_only=True): {e}") from None
+
+
+def load_model_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    folder = Path(folder)
+    meta = read_meta(folder)
+    return _load_verified(folder, MODEL_FILE, meta), meta
+
+
+def load_train_state(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    return _load_verified(folder, STATE_FILE, read_meta(folder))
+
+
+def model_config_from_meta(meta: dict[str, Any]) -> GPTConfig:
+    return GPTConfig(**meta["model"])
+
+
+def check_shape(expected: GPTConfig, meta: dict[str, Any], where: str) -> None:
+    """A checkpoint from another model shape is an error naming both."""
+    found = model_config_from_meta(meta)
+    diffs = [
+        f"{k}: checkpoint {getattr(found, k)} vs model {getattr(expected, k)}"
+        for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias")
+        if getattr(found, k) != getattr(expected, k)
+    ]
+    if diffs:
+        raise CheckpointError(f"checkpoint {where} is from another model shape ({'; '.join(diffs)})")
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
+    """A GPT ready for inference from a checkpoint folder."""
+    state, meta = load_model_state(folder)
+    model = GPT(model_config_from_meta(meta))
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
+
+
+def model_meta(config: GPTConfig) -> dict[str, Any]:
+    return asdict(config)
