@@ -1,0 +1,59 @@
+"""Throughput and model-FLOPs utilisation, computed in one place."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+# Dense (no sparsity) peak FLOP/s per device, by a substring of the CUDA
+# device name, for bf16/fp16 tensor cores; fp32 runs use TF32 figures.
+GPU_PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp32": 494e12},
+    "H100": {"bf16": 989e12, "fp32": 494e12},
+    "A100": {"bf16": 312e12, "fp32": 156e12},
+    "A10G": {"bf16": 125e12, "fp32": 62.5e12},
+    "L4": {"bf16": 121e12, "fp32": 60e12},
+    "L40S": {"bf16": 362e12, "fp32": 183e12},
+    "V100": {"bf16": 125e12, "fp32": 15.7e12},
+    "T4": {"bf16": 65e12, "fp32": 8.1e12},
+    "RTX 4090": {"bf16": 165e12, "fp32": 82.6e12},
+}
+
+
+def gpu_peak_flops(device_name: str, precision: str) -> float | None:
+    key = "fp32" if precision == "fp32" else "bf16"
+    for name, peaks in GPU_PEAK_FLOPS.items():
+        if name in device_name:
+            return peaks[key]
+    return None
+
+
+def measure_cpu_peak_flops(precision: str, size: int = 1024, seconds: float = 0.5) -> float:
+    """Matmul FLOP/s of this process with its current torch thread count: the
+    denominator of MFU on a CPU, where no datasheet figure applies."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    for _ in range(2):
+        a @ b  # warm up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, precision: str, configured: float | None = None) -> float:
+    if configured:
+        return configured
+    if device.type == "cuda":
+        found = gpu_peak_flops(torch.cuda.get_device_name(device), precision)
+        if found:
+            return found
+    return measure_cpu_peak_flops(precision) if device.type == "cpu" else float("nan")
+
+
+def mfu(tokens_per_s: float, flops_per_token: int, peak_flops_total: float) -> float:
+    """Model FLOPs utilisation (PaLM): achieved training FLOP/s over peak."""
+    return tokens_per_s * flops_per_token / peak_flops_total
