@@ -40,7 +40,7 @@ def cmd_train(args) -> int:
         cfg.ray.address = "local"
     if args.resume:
         cfg.train.run_name = args.resume
-    train_main(cfg)
+    train_main(cfg, force_local=args.local)
     return 0
 
 

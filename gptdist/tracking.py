@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import platform
+import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
+
+import mlflow
+import ray.train
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
 
 from gptdist.config import REPO_ROOT, TrackingConfig
 
@@ -28,3 +41,189 @@ def tracking_uri(tracking: TrackingConfig) -> str:
 def artifact_root(tracking: TrackingConfig) -> str:
     """Artifact location for experiments created in an embedded SQLite store."""
     return (runs_dir(tracking) / "mlartifacts").as_uri()
+
+
+# --- the run, on the driver ---------------------------------------------------
+
+
+log = logging.getLogger("gptdist.tracking")
+
+RUN_NAME_TAG = "gptdist.run_name"
+RUN_KIND_TAG = "gptdist.run_kind"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+class TrackingUnavailableError(RuntimeError):
+    pass
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any Ray worker starts, when a tracking server does
+    not answer. Local stores (sqlite, file) need no check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            if response.status != 200:
+                raise TrackingUnavailableError(f"MLflow tracking server {uri} answered {response.status} at /health")
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingUnavailableError(f"MLflow tracking server {uri} is unreachable: {e}") from None
+
+
+def get_or_create_experiment(client: MlflowClient, tracking: TrackingConfig, uri: str, name: str | None = None) -> str:
+    name = name or tracking.experiment
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A SQLite store would otherwise put artifacts under the working
+    # directory (a Ray session folder on workers); a server chooses its own.
+    location = artifact_root(tracking) + f"/{name}" if uri.startswith("sqlite:") else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def environment_tags() -> dict[str, str]:
+    import ray
+    import torch
+
+    tags = {
+        "gptdist.torch_version": torch.__version__,
+        "gptdist.ray_version": ray.__version__,
+        "gptdist.mlflow_version": mlflow.__version__,
+        "gptdist.python_version": platform.python_version(),
+    }
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=REPO_ROOT, timeout=5)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return tags
+
+
+def start_or_resume_run(
+    client: MlflowClient,
+    experiment_id: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+) -> tuple[str, bool]:
+    """The MLflow run of this run name: the existing one when the name was
+    used before (a resumed run continues the same MLflow run, never a
+    duplicate), else a new one. Returns (run_id, resumed)."""
+    existing = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        already = existing[0].data.params
+        new_params = {k: v for k, v in params.items() if k not in already}
+        log_params(client, run_id, new_params)
+        client.set_tag(run_id, "gptdist.resumed", "true")
+        return run_id, True
+    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, RUN_NAME_TAG: run_name})
+    log_params(client, run.info.run_id, params)
+    return run.info.run_id, False
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def finish_run(client: MlflowClient, run_id: str, error: BaseException | None = None) -> None:
+    if error is None:
+        client.set_terminated(run_id, status="FINISHED")
+        return
+    client.set_tag(run_id, "gptdist.error", f"{type(error).__name__}: {error}"[:5000])
+    client.set_terminated(run_id, status="FAILED")
+
+
+def plot_loss_curve(client: MlflowClient, run_id: str, out: Path) -> Path | None:
+    """Train and val loss against step, from the run's own metric history
+    (so a resumed run's curve spans every attempt)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    plotted = False
+    for key in ("train/loss", "val/loss"):
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        latest = {m.step: m.value for m in history}  # a retried step keeps its last value
+        if latest:
+            ax.plot(list(latest), list(latest.values()), label=key, marker="." if key == "val/loss" else None)
+            plotted = True
+    if not plotted:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# --- the coordinator, on the Ray Train controller ------------------------------
+
+
+class MlflowCoordinator(ray.train.UserCallback):
+    """Logs what the workers report to one MLflow run.
+
+    Runs on the Ray Train controller (`UserCallback`), so workers never talk
+    to MLflow. Metrics are rank 0's (all ranks report the same all-reduced
+    values). Should the tracking server go away mid-run, a metric batch that
+    cannot be logged is dropped with a warning and training goes on; the
+    number dropped is tagged on the run when the server is back.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, log_checkpoints: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.log_checkpoints = log_checkpoints
+        self.dropped = 0
+        self._client = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        report = metrics[0]
+        step = int(report["step"])
+        now = int(time.time() * 1000)
+        values = [
+            Metric(key, float(value), now, step)
+            for key, value in report.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+        ]
+        try:
+            self.client.log_batch(self.run_id, metrics=values)
+            if "sample" in report:
+                self.client.log_text(self.run_id, report["sample"], f"samples/step_{step:08d}.txt")
+            if checkpoint is not None and self.log_checkpoints == "all":
+                with checkpoint.as_directory() as folder:
+                    self.client.log_artifacts(self.run_id, folder, f"checkpoints/step_{step:08d}")
+            if self.dropped:
+                self.client.set_tag(self.run_id, "gptdist.dropped_metric_batches", str(self.dropped))
+        except Exception as e:  # the server is down: never stop training for it
+            self.dropped += 1
+            log.warning("MLflow logging failed at step %d (%s); dropped this report", step, e)
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        rank, error = next(iter(sorted(worker_exceptions.items())))
+        try:
+            self.client.set_tag(self.run_id, "gptdist.last_worker_error",
+                                f"rank {rank}: {type(error).__name__}: {error}"[:5000])
+        except Exception as e:
+            log.warning("could not record a worker failure in MLflow: %s", e)

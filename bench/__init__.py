@@ -1,0 +1,1 @@
+"""gptdist benchmarks: `python -m bench`."""

@@ -1,0 +1,331 @@
+"""The training loop: what runs in each Ray Train worker.
+
+One worker is one DDP rank. It builds the GPT, restores the latest
+checkpoint Ray Train hands it (after a worker failure or a restart of the
+whole run), wraps the model with `ray.train.torch.prepare_model` (gloo on CPU,
+NCCL on GPU) and trains on the rows `data_pipeline.stream` assigns to it.
+Every `log_interval` steps all ranks call `ray.train.report` (a barrier) with
+the same metrics; rank 0 also attaches a checkpoint every
+`checkpoint_interval` steps and at the end. Workers never talk to MLflow:
+the coordinator on the driver side logs what they report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from data_pipeline.stream import Shard, TrainStream, eval_batches
+from gptdist.checkpoint import (
+    check_shape,
+    clean_state_dict,
+    load_model_state,
+    load_train_state,
+    model_meta,
+    save_checkpoint,
+)
+from gptdist.config import Config, config_from_dict, gradient_accumulation_steps
+from gptdist.metrics import mfu, peak_flops
+from gptdist.model import GPT
+from gptdist.tokenizer import decode, encode
+from gptdist.train_step import autocast_context, build_optimizer, learning_rate, optimizer_step, resolve_precision
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class InjectedFault(RuntimeError):
+    """Raised by `train.fail_at_step` to test recovery."""
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    nonfinite_steps: int = 0  # skipped in total
+    nonfinite_in_a_row: int = 0
+
+
+# --- building blocks ---------------------------------------------------------
+
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": json.dumps(np.random.get_state()[1].tolist()),
+        "python": json.dumps(random.getstate()[1]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def set_cpu_threads(cfg: Config) -> int:
+    """Workers get OMP_NUM_THREADS from Ray; choose explicitly: the
+    configured count, else this node's cores shared among its workers."""
+    local_workers = ray.train.get_context().get_local_world_size()
+    threads = cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // local_workers)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= dist.get_world_size()
+    return values
+
+
+# --- evaluation, samples, checkpoints ----------------------------------------
+
+
+@torch.no_grad()
+def training_sample(model: GPT, cfg: Config, device: torch.device) -> str:
+    """A short seeded sample to watch the model learn (logged at each eval).
+    Uses the model's own cache-free generate: cheap at these lengths."""
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    prompt = torch.tensor([encode(cfg.train.sample_prompt) or [50256]], device=device)
+    model.eval()
+    out = model.generate(prompt, cfg.train.sample_tokens, temperature=0.8, top_k=200, generator=generator)
+    model.train()
+    return decode(out[0].tolist())
+
+
+@torch.no_grad()
+def evaluate(model, shards: list[Shard], cfg: Config, rank: int, world: int, device, precision) -> float:
+    """Mean validation loss over the same rows every time, averaged over
+    all workers."""
+    model.eval()
+    losses = []
+    for tokens in eval_batches(shards, num_batches=cfg.train.eval_batches,
+                               micro_batch=cfg.train.micro_batch_size, rank=rank, world_size=world):
+        tokens = tokens.to(device, non_blocking=True)
+        with autocast_context(precision, device):
+            _, loss, _ = model(tokens[:, :-1], targets=tokens[:, 1:])
+        losses.append(loss.float())
+    model.train()
+    return all_reduce_mean(torch.stack(losses).mean().reshape(1))[0].item()
+
+
+def write_checkpoint(folder: Path, model, optimizer, scaler, state: LoopState, cfg: Config,
+                     stream: TrainStream, loop_config: dict) -> None:
+    train_state = {
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rng": rng_state(),
+        "nonfinite_steps": state.nonfinite_steps,
+    }
+    meta = {
+        "step": state.step,
+        "tokens_seen": state.tokens_seen,
+        "data_position": stream.position(state.step),
+        "global_batch_size": cfg.train.global_batch_size,
+        "model": model_meta(cfg.model.to_gpt_config()),
+        "dataset_manifest_sha256": loop_config["dataset"]["manifest_sha256"],
+        "data_path": loop_config["dataset"]["path"],
+        "config": cfg.to_dict(),
+    }
+    save_checkpoint(folder, clean_state_dict(model), train_state, meta)
+
+
+def restore(model, optimizer, scaler, cfg: Config, loop_config: dict) -> LoopState:
+    """Load the checkpoint Ray Train hands this attempt, if any."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return LoopState()
+    with checkpoint.as_directory() as folder:
+        model_state, meta = load_model_state(folder)
+        check_shape(cfg.model.to_gpt_config(), meta, str(folder))
+        if meta["global_batch_size"] != cfg.train.global_batch_size:
+            raise ValueError(
+                f"cannot resume: the checkpoint was trained with train.global_batch_size="
+                f"{meta['global_batch_size']}, the config says {cfg.train.global_batch_size}; "
+                "the data position is defined per global batch"
+            )
+        if meta["dataset_manifest_sha256"] != loop_config["dataset"]["manifest_sha256"]:
+            raise ValueError(f"cannot resume: checkpoint {folder} was trained on another dataset")
+        train_state = load_train_state(folder)
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(train_state["optimizer"])
+    if scaler is not None and train_state["scaler"]:
+        scaler.load_state_dict(train_state["scaler"])
+    restore_rng_state(train_state["rng"])
+    return LoopState(step=meta["step"], tokens_seen=meta["tokens_seen"],
+                     nonfinite_steps=train_state["nonfinite_steps"])
+
+
+def maybe_inject_fault(step: int, cfg: Config, marker_dir: str) -> None:
+    """Fail once at train.fail_at_step; a marker file in the run's storage
+    makes the retried attempt go past it."""
+    if cfg.train.fail_at_step is None or step != cfg.train.fail_at_step:
+        return
+    marker = Path(marker_dir) / f"fault-injected-step-{step}"
+    if marker.exists():
+        return
+    if dist.is_initialized():
+        dist.barrier()  # every rank has checked the marker before it appears
+    if ray.train.get_context().get_world_rank() == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    raise InjectedFault(f"injected fault at step {step} (train.fail_at_step)")
+
+
+def append_audit(audit_dir: str | None, step: int, rank: int, rows: list[int]) -> None:
+    """Row audit for tests: which rows each rank trained at each step."""
+    if not audit_dir:
+        return
+    path = Path(audit_dir) / f"rank{rank}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"step": step, "rank": rank, "rows": rows}) + "\n")
+
+
+# --- the loop ------------------------------------------------------------------
+
+
+def train_worker(loop_config: dict) -> dict:
+    """Entry point of each Ray Train worker (`TorchTrainer(train_worker, ...)`)."""
+    cfg = config_from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = set_cpu_threads(cfg)
+    device = ray.train.torch.get_device()
+    precision = resolve_precision(cfg.train.precision, device)
+    accumulation = gradient_accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, world)
+
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank
+    model = GPT(cfg.model.to_gpt_config()).to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
+    state = restore(model, optimizer, scaler, cfg, loop_config)
+    raw_model = model
+    model = ray.train.torch.prepare_model(model)  # DDP when world > 1
+    if cfg.train.compile:
+        model = torch.compile(model)
+
+    data = loop_config["dataset"]
+    train_shards = [Shard(Path(p), f, n) for p, f, n in data["train_shards"]]
+    val_shards = [Shard(Path(p), f, n) for p, f, n in data["val_shards"]]
+    stream = TrainStream(train_shards, seed=cfg.data.seed, global_batch=cfg.train.global_batch_size,
+                         micro_batch=cfg.train.micro_batch_size, rank=rank, world_size=world)
+    fpt = raw_model.flops_per_token()
+    peak = peak_flops(device, precision, cfg.train.cpu_peak_flops) * world
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
+    is_ddp = world > 1
+
+    loss_sum = torch.zeros((), device=device)
+    window_steps, window_start = 0, time.perf_counter()
+    last_val = float("nan")
+    while state.step < cfg.train.max_steps:
+        maybe_inject_fault(state.step, cfg, loop_config["fault_marker_dir"])
+        lr = learning_rate(state.step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_rows: list[int] = []
+
+        def micro_batches():
+            for rows, tokens in stream.micro_batches(state.step):
+                step_rows.extend(rows.tolist())
+                yield tokens
+
+        step_loss, grad_norm, applied = optimizer_step(
+            model, optimizer, scaler, micro_batches(), accumulation, precision, device,
+            cfg.train.grad_clip, is_ddp)
+        loss_sum += step_loss
+        if applied:
+            state.nonfinite_in_a_row = 0
+        else:
+            state.nonfinite_steps += 1
+            state.nonfinite_in_a_row += 1
+        append_audit(loop_config.get("audit_dir"), state.step, rank, step_rows)
+        state.step += 1
+        state.tokens_seen += tokens_per_step
+        window_steps += 1
+
+        if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+            # Skipped steps never touched the weights: checkpoint the last good state.
+            report({"step": state.step, "nonfinite_steps": state.nonfinite_steps}, True, rank,
+                   raw_model, optimizer, scaler, state, cfg, stream, loop_config)
+            raise NonFiniteLossError(
+                f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); stopped at step "
+                f"{state.step}; the last good state is the latest checkpoint"
+            )
+        last = state.step == cfg.train.max_steps
+        do_eval = state.step % cfg.train.eval_interval == 0 or last
+        do_ckpt = state.step % cfg.train.checkpoint_interval == 0 or last
+        if not (state.step % cfg.train.log_interval == 0 or do_eval or do_ckpt):
+            continue
+
+        # One host sync per report, not per step.
+        elapsed = time.perf_counter() - window_start
+        train_loss = all_reduce_mean(loss_sum.reshape(1) / window_steps)[0].item()
+        tokens_per_s = window_steps * tokens_per_step / elapsed
+        metrics = {
+            "step": state.step,
+            "train/loss": train_loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(tokens_per_s, fpt, peak),
+            "step_time_ms": 1000 * elapsed / window_steps,
+            "tokens_seen": state.tokens_seen,
+            "epoch": state.step / stream.steps_per_epoch,
+            "nonfinite_steps": state.nonfinite_steps,
+        }
+        if do_eval:
+            last_val = evaluate(raw_model, val_shards, cfg, rank, world, device, precision)
+            metrics["val/loss"] = last_val
+            if rank == 0 and cfg.train.sample_tokens > 0:
+                metrics["sample"] = training_sample(raw_model, cfg, device)
+        if rank == 0:
+            print(f"step {state.step:>6} | loss {train_loss:.4f} | val {last_val:.4f} | lr {lr:.2e} "
+                  f"| {tokens_per_s:,.0f} tok/s | mfu {metrics['mfu']:.1%} | threads {threads}", flush=True)
+        report(metrics, do_ckpt, rank, raw_model, optimizer, scaler, state, cfg, stream, loop_config)
+        loss_sum.zero_()
+        window_steps, window_start = 0, time.perf_counter()
+    return {"step": state.step, "val_loss": last_val, "param_digests": gather_param_digests(raw_model, world)}
+
+
+def gather_param_digests(model: torch.nn.Module, world: int) -> list[str]:
+    """sha256 of every rank's parameters: DDP keeps them bit-identical."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests = [h.hexdigest()]
+    if world > 1:
+        digests = [None] * world
+        dist.all_gather_object(digests, h.hexdigest())
+    return digests
+
+
+def report(metrics, with_checkpoint, rank, model, optimizer, scaler, state, cfg, stream, loop_config) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
+    if not (with_checkpoint and rank == 0):
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(Path(tmp), model, optimizer, scaler, state, cfg, stream, loop_config)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{state.step:08d}")

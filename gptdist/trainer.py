@@ -1,0 +1,253 @@
+"""The driver: resolves the run, connects to Ray, builds the `TorchTrainer`.
+
+Order matters: every check that can fail (config, dataset, tracking server)
+runs before a Ray worker starts, so a bad run costs seconds, not a cluster
+start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from mlflow.tracking import MlflowClient
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from data_pipeline.manifest import manifest_hash, read_manifest, verify_split
+from data_pipeline.prepare import ensure_dataset
+from gptdist import tracking
+from gptdist.checkpoint import read_meta
+from gptdist.config import Config, ConfigError, flatten
+from gptdist.model import GPT
+from gptdist.train_loop import train_worker
+
+
+def default_run_name(cfg: Config) -> str:
+    m = cfg.model.to_gpt_config()
+    return f"gpt-L{m.n_layer}H{m.n_head}E{m.n_embd}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def storage_path(cfg: Config) -> str:
+    """Ray needs an absolute local path; URIs (s3://, gs://) pass through."""
+    path = cfg.ray.storage_path
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def connect_ray(cfg: Config, force_local: bool = False) -> bool:
+    """Start or join Ray; returns True when this call started it.
+
+    `local` starts Ray in-process, unless the process runs inside a Ray job
+    (RAY_ADDRESS is set and --local was not given): then it joins the
+    cluster it was submitted to, so the same command works under
+    `ray job submit`."""
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address
+    if address == "local" and os.environ.get("RAY_ADDRESS") and not force_local:
+        address = "auto"
+    if address == "local":
+        # One more logical CPU than cores leaves Ray Data a slot beside the
+        # training workers; without it Ray Data can stall.
+        num_cpus = cfg.ray.local_num_cpus or (os.cpu_count() or 1) + 1
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
+        return True
+    try:
+        ray.init(address=None if address == "auto" else address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ConnectionError(f"cannot connect to Ray at ray.address={address!r}: {e}") from None
+    return True
+
+
+def use_gpu(cfg: Config) -> bool:
+    if cfg.ray.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return cfg.ray.use_gpu == "true"
+
+
+def scaling_config(cfg: Config) -> ScalingConfig:
+    gpu = use_gpu(cfg)
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if gpu:
+        resources["GPU"] = cfg.ray.gpus_per_worker
+    return ScalingConfig(
+        num_workers=cfg.ray.num_workers,
+        use_gpu=gpu,
+        resources_per_worker=resources,
+        placement_strategy=cfg.ray.placement_strategy,
+    )
+
+
+@dataclass
+class DatasetInfo:
+    path: Path
+    manifest: dict
+    manifest_sha256: str
+
+    def to_loop_config(self) -> dict[str, Any]:
+        def shards(split: str):
+            return [[str(p), s["first_row"], s["rows"]]
+                    for p, s in zip(verify_split(self.path, split, checksums=False),
+                                    self.manifest["splits"][split]["shards"])]
+
+        return {"path": str(self.path), "manifest_sha256": self.manifest_sha256,
+                "train_shards": shards("train"), "val_shards": shards("val")}
+
+
+def open_dataset(cfg: Config) -> DatasetInfo:
+    """The prepared dataset, validated against its manifest and the model
+    (prepared first when it is the embedded default and absent)."""
+    path = ensure_dataset(cfg)
+    manifest = read_manifest(path)
+    if manifest["block_size"] != cfg.model.block_size:
+        raise ConfigError(
+            f"dataset {path} has block_size={manifest['block_size']} but "
+            f"model.block_size={cfg.model.block_size}; prepare it again with --block-size "
+            f"{cfg.model.block_size} or change model.block_size"
+        )
+    for split in ("train", "val"):
+        verify_split(path, split, block_size=cfg.model.block_size)
+    return DatasetInfo(Path(path).resolve(), manifest, manifest_hash(path))
+
+
+def run_params(cfg: Config, model_params: int, flops_per_token: int) -> dict[str, Any]:
+    """The whole resolved config, flattened, plus derived values."""
+    return {
+        **flatten(cfg.to_dict()),
+        "derived.num_params": model_params,
+        "derived.flops_per_token": flops_per_token,
+        "derived.global_batch_tokens": cfg.train.global_batch_size * cfg.model.block_size,
+        "derived.world_size": cfg.ray.num_workers,
+    }
+
+
+def build_trainer(cfg: Config, dataset: DatasetInfo, coordinator, extra_loop_config: dict | None = None,
+                  callbacks: list | None = None) -> TorchTrainer:
+    run_dir = Path(storage_path(cfg)) / cfg.train.run_name if "://" not in storage_path(cfg) else None
+    loop_config = {
+        "config": cfg.to_dict(),
+        "dataset": dataset.to_loop_config(),
+        "fault_marker_dir": str(run_dir or tempfile.gettempdir()),
+        **(extra_loop_config or {}),
+    }
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(
+            name=cfg.train.run_name,
+            storage_path=storage_path(cfg),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            callbacks=[c for c in [coordinator, *(callbacks or [])] if c is not None],
+        ),
+    )
+
+
+def open_tracking(cfg: Config, params: dict, kind: str = "train", parent_run_id: str | None = None):
+    """(client, run_id, resumed), or (None, None, False) when tracking is
+    optional and the server is down."""
+    uri = tracking.tracking_uri(cfg.tracking)
+    try:
+        tracking.check_reachable(uri)
+        client = MlflowClient(uri)
+        experiment_id = tracking.get_or_create_experiment(client, cfg.tracking, uri)
+    except Exception as e:
+        if cfg.tracking.required:
+            raise tracking.TrackingUnavailableError(
+                f"{e} (tracking.uri / MLFLOW_TRACKING_URI = {uri}; set tracking.required=false to train without it)"
+            ) from None
+        print(f"warning: MLflow tracking disabled for this run: {e}")
+        return None, None, False
+    tags = {**tracking.environment_tags(), tracking.RUN_KIND_TAG: kind}
+    if parent_run_id:
+        tags[tracking.PARENT_TAG] = parent_run_id
+    run_id, resumed = tracking.start_or_resume_run(client, experiment_id, cfg.train.run_name, params, tags)
+    return client, run_id, resumed
+
+
+def train_main(cfg: Config, force_local: bool = False, extra_loop_config: dict | None = None,
+               parent_run_id: str | None = None, kind: str = "train") -> dict[str, Any]:
+    """Train one run to the end and return its summary."""
+    cfg.train.run_name = cfg.train.run_name or default_run_name(cfg)
+    started_ray = connect_ray(cfg, force_local)
+    try:
+        dataset = open_dataset(cfg)
+        model = GPT(cfg.model.to_gpt_config())
+        params = run_params(cfg, model.num_params(), model.flops_per_token())
+        del model
+        client, run_id, resumed = open_tracking(cfg, params, kind, parent_run_id)
+        if client is not None:
+            client.set_tag(run_id, "gptdist.dataset_manifest_sha256", dataset.manifest_sha256)
+            client.set_tag(run_id, "gptdist.device_type", "cuda" if use_gpu(cfg) else "cpu")
+            client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+            client.log_dict(run_id, dataset.manifest, "dataset_manifest.json")
+        coordinator = (tracking.MlflowCoordinator(tracking.tracking_uri(cfg.tracking), run_id,
+                                                  cfg.tracking.log_checkpoints) if client else None)
+        print(f"run {cfg.train.run_name}: {params['derived.num_params'] / 1e6:.2f}M parameters, "
+              f"{cfg.ray.num_workers} worker(s), data {dataset.path}"
+              + (f", resuming MLflow run {run_id}" if resumed else ""))
+        trainer = build_trainer(cfg, dataset, coordinator, extra_loop_config)
+        try:
+            result = trainer.fit()
+        except BaseException as e:
+            if client is not None:
+                tracking.finish_run(client, run_id, e)
+            raise
+        summary = finish_training(cfg, result, client, run_id)
+        print_summary(cfg, summary)
+        return summary
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def finish_training(cfg: Config, result, client, run_id) -> dict[str, Any]:
+    checkpoint_dir = result.checkpoint.path if result.checkpoint else None
+    meta = read_meta(checkpoint_dir) if checkpoint_dir and "://" not in checkpoint_dir else {}
+    returned = result.return_value or {}
+    summary = {
+        "run_name": cfg.train.run_name,
+        "mlflow_run_id": run_id,
+        "tracking_uri": tracking.tracking_uri(cfg.tracking),
+        "checkpoint": checkpoint_dir,
+        "step": meta.get("step", returned.get("step")),
+        "val_loss": (result.metrics or {}).get("val/loss", returned.get("val_loss")),
+        "sample": (result.metrics or {}).get("sample"),
+        "param_digests": returned.get("param_digests"),
+    }
+    if client is not None:
+        if result.checkpoint and cfg.tracking.log_checkpoints != "none":
+            with result.checkpoint.as_directory() as folder:
+                client.log_artifacts(run_id, folder, "model")
+        with tempfile.TemporaryDirectory() as tmp:
+            png = tracking.plot_loss_curve(client, run_id, Path(tmp) / "loss_curve.png")
+            if png:
+                client.log_artifact(run_id, str(png))
+        tracking.finish_run(client, run_id)
+    return summary
+
+
+def print_summary(cfg: Config, summary: dict[str, Any]) -> None:
+    print()
+    print(f"run {summary['run_name']} finished at step {summary['step']}")
+    if summary["val_loss"] is not None:
+        print(f"final validation loss: {summary['val_loss']:.4f}")
+    if summary["sample"]:
+        print("sample:\n" + "-" * 40 + f"\n{summary['sample']}\n" + "-" * 40)
+    print(f"checkpoint: {summary['checkpoint']}")
+    uri = summary["tracking_uri"]
+    if summary["mlflow_run_id"]:
+        print(f"MLflow run {summary['mlflow_run_id']} in experiment '{cfg.tracking.experiment}'")
+        if uri.startswith("sqlite:"):
+            print(f"open the runs:  mlflow ui --backend-store-uri {uri} --port 5000   (then http://127.0.0.1:5000)")
+        else:
+            print(f"open the runs:  {uri}")
+        print("compare in the terminal:  gptdist runs")
