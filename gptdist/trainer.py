@@ -174,8 +174,13 @@ def open_tracking(cfg: Config, params: dict, kind: str = "train", parent_run_id:
 
 
 def train_main(cfg: Config, force_local: bool = False, extra_loop_config: dict | None = None,
-               parent_run_id: str | None = None, kind: str = "train") -> dict[str, Any]:
-    """Train one run to the end and return its summary."""
+               parent_run_id: str | None = None, kind: str = "train",
+               callbacks: list | None = None) -> dict[str, Any]:
+    """Train one run to the end and return its summary.
+
+    `callbacks` are extra `ray.train.UserCallback`s (Tune passes its
+    `TuneReportCallback`); `parent_run_id` nests the MLflow run (a Tune trial
+    under its sweep)."""
     cfg.train.run_name = cfg.train.run_name or default_run_name(cfg)
     started_ray = connect_ray(cfg, force_local)
     try:
@@ -194,7 +199,7 @@ def train_main(cfg: Config, force_local: bool = False, extra_loop_config: dict |
         print(f"run {cfg.train.run_name}: {params['derived.num_params'] / 1e6:.2f}M parameters, "
               f"{cfg.ray.num_workers} worker(s), data {dataset.path}"
               + (f", resuming MLflow run {run_id}" if resumed else ""))
-        trainer = build_trainer(cfg, dataset, coordinator, extra_loop_config)
+        trainer = build_trainer(cfg, dataset, coordinator, extra_loop_config, callbacks)
         try:
             result = trainer.fit()
         except BaseException as e:
