@@ -1,0 +1,79 @@
+# Shared by the cluster/*.sh scripts (sourced, not run).
+#
+# GPTDIST_CLUSTER_DIR  state folder of a local cluster (default: runs/cluster):
+#   env            `source` it to talk to the cluster (RAY_ADDRESS, MLFLOW_TRACKING_URI, auth)
+#   auth_token     the Ray cluster's token (mode 600)
+#   ray.pgid       process group of the Ray head's processes
+#   ray.pids       the head's processes right after start (for inspection)
+#   mlflow.pid     the MLflow server (also its process group)
+#   logs/          ray-start.log, mlflow.log
+#   mlflow.db, mlartifacts/   the default MLflow store
+# GPTDIST_PYTHON       the Python environment holding ray and mlflow (default: .venv/bin/python)
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$HERE/.." && pwd)"
+
+STATE_DIR=${GPTDIST_CLUSTER_DIR:-$REPO_ROOT/runs/cluster}
+mkdir -p "$STATE_DIR/logs"
+STATE_DIR="$(cd "$STATE_DIR" && pwd)"
+
+if [[ -n ${GPTDIST_PYTHON:-} ]]; then
+    PY=$GPTDIST_PYTHON
+elif [[ -x $REPO_ROOT/.venv/bin/python ]]; then
+    PY=$REPO_ROOT/.venv/bin/python
+else
+    PY=python3
+fi
+PY="$(command -v "$PY")" || { echo "error: no Python at ${GPTDIST_PYTHON:-python3}" >&2; exit 1; }
+# ray and mlflow are the console scripts installed beside that Python.
+BIN_DIR="$(dirname "$PY")"
+
+die() {
+    echo "error: $*" >&2
+    exit 1
+}
+
+# True when the PID in file $1 is a live process (not a zombie).
+pid_alive() {
+    local pid
+    [[ -f $1 ]] || return 1
+    pid="$(cat "$1")"
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    [[ -r /proc/$pid/stat ]] || return 1
+    # The state is the field after "(comm)"; Z is a zombie.
+    [[ "$(sed 's/.*) //' "/proc/$pid/stat" | cut -d' ' -f1)" != Z ]]
+}
+
+# True when nothing accepts connections on host $1 port $2.
+port_free() {
+    "$PY" - "$1" "$2" <<'EOF'
+import socket, sys
+host = "127.0.0.1" if sys.argv[1] in ("0.0.0.0", "") else sys.argv[1]
+with socket.socket() as s:
+    s.settimeout(1)
+    sys.exit(1 if s.connect_ex((host, int(sys.argv[2]))) == 0 else 0)
+EOF
+}
+
+# The host to connect to for a server bound to $1.
+url_host() {
+    if [[ $1 == 0.0.0.0 ]]; then echo 127.0.0.1; else echo "$1"; fi
+}
+
+# wait_for_url URL TIMEOUT_S [BEARER_TOKEN] [PID]: poll until URL answers
+# 2xx; give up early when PID (the server being waited for) has exited.
+wait_for_url() {
+    local url=$1 timeout=$2 token=${3:-} pid=${4:-} header=()
+    [[ -n $token ]] && header=(-H "Authorization: Bearer $token")
+    local deadline=$((SECONDS + timeout))
+    while ((SECONDS < deadline)); do
+        if curl -sf -o /dev/null --max-time 5 "${header[@]}" "$url"; then
+            return 0
+        fi
+        if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+            return 1
+        fi
+        sleep 0.5
+    done
+    return 1
+}
