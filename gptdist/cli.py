@@ -148,9 +148,19 @@ def add_prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
-def run(func: Callable, args) -> int:
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input, printed as one clear line, no traceback."""
+    from data_pipeline.manifest import DatasetError
+    from gptdist.checkpoint import CheckpointError
     from gptdist.config import ConfigError
+    from gptdist.tokenizer import TokenizerFileError
+    from gptdist.tracking import TrackingUnavailableError
 
+    return (ConfigError, DatasetError, CheckpointError, TokenizerFileError, TrackingUnavailableError,
+            ConnectionError, FileNotFoundError)
+
+
+def run(func: Callable, args) -> int:
     try:
         return func(args) or 0
     except ModuleNotFoundError as e:
@@ -158,8 +168,8 @@ def run(func: Callable, args) -> int:
             print(f"gptdist {args.command}: not implemented yet ({e.name})", file=sys.stderr)
             return 2
         raise
-    except ConfigError as e:
-        print(f"gptdist {args.command}: configuration error: {e}", file=sys.stderr)
+    except user_errors() as e:
+        print(f"gptdist {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -287,6 +287,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     else:
         raw = read_yaml(path)
         where = str(path)
+    if overrides:
+        where += " with --set " + " ".join(overrides)
     try:
         return config_from_dict(apply_overrides(raw, overrides or []))
     except ConfigError as e:

@@ -24,7 +24,7 @@ from data_pipeline.manifest import manifest_hash, read_manifest, verify_split
 from data_pipeline.prepare import ensure_dataset
 from gptdist import tracking
 from gptdist.checkpoint import read_meta
-from gptdist.config import Config, ConfigError, flatten
+from gptdist.config import Config, flatten
 from gptdist.model import GPT
 from gptdist.train_loop import train_worker
 
@@ -40,13 +40,14 @@ def storage_path(cfg: Config) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def connect_ray(cfg: Config, force_local: bool = False) -> bool:
+def connect_ray(cfg: Config, force_local: bool = False, include_dashboard: bool = False) -> bool:
     """Start or join Ray; returns True when this call started it.
 
     `local` starts Ray in-process, unless the process runs inside a Ray job
     (RAY_ADDRESS is set and --local was not given): then it joins the
     cluster it was submitted to, so the same command works under
-    `ray job submit`."""
+    `ray job submit`. A local Ray gets the dashboard only when asked: Tune
+    needs its state API to clean up the placement groups of stopped trials."""
     if ray.is_initialized():
         return False
     address = cfg.ray.address
@@ -56,7 +57,7 @@ def connect_ray(cfg: Config, force_local: bool = False) -> bool:
         # One more logical CPU than cores leaves Ray Data a slot beside the
         # training workers; without it Ray Data can stall.
         num_cpus = cfg.ray.local_num_cpus or (os.cpu_count() or 1) + 1
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
                  runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
         return True
     try:
@@ -102,19 +103,10 @@ class DatasetInfo:
 
 
 def open_dataset(cfg: Config) -> DatasetInfo:
-    """The prepared dataset, validated against its manifest and the model
-    (prepared first when it is the embedded default and absent)."""
+    """The prepared dataset, validated against its manifest and the model's
+    block size (prepared first when it is the embedded default and absent)."""
     path = ensure_dataset(cfg)
-    manifest = read_manifest(path)
-    if manifest["block_size"] != cfg.model.block_size:
-        raise ConfigError(
-            f"dataset {path} has block_size={manifest['block_size']} but "
-            f"model.block_size={cfg.model.block_size}; prepare it again with --block-size "
-            f"{cfg.model.block_size} or change model.block_size"
-        )
-    for split in ("train", "val"):
-        verify_split(path, split, block_size=cfg.model.block_size)
-    return DatasetInfo(Path(path).resolve(), manifest, manifest_hash(path))
+    return DatasetInfo(Path(path).resolve(), read_manifest(path), manifest_hash(path))
 
 
 def run_params(cfg: Config, model_params: int, flops_per_token: int) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
+from data_pipeline.manifest import DatasetError
 from gptdist.checkpoint import load_model_state
 from gptdist.config import ConfigError, load_config
 from gptdist.trainer import train_main
@@ -143,6 +144,6 @@ def test_bad_config_fails_before_workers(tmp_path, tiny_dataset):
     with pytest.raises(ConfigError, match=r"global_batch_size=8 is not divisible by .*micro_batch_size=4 x ray\.num_workers=3"):
         make_config(tmp_path, tiny_dataset, "bad", "ray.num_workers=3")
     cfg = make_config(tmp_path, tiny_dataset, "bad-block", "model.block_size=128")
-    with pytest.raises(ConfigError, match=r"block_size=64 but model\.block_size=128"):
+    with pytest.raises(DatasetError, match=r"block_size=64, but the model has block_size=128"):
         train_main(cfg)
     assert not (tmp_path / "ray" / "bad-block").exists()  # no worker ever started

@@ -1,0 +1,179 @@
+"""The MLflow coordinator against a real `mlflow server` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from gptdist.config import load_config
+from gptdist.runs import format_table, run_rows
+from gptdist.tracking import TrackingUnavailableError
+from gptdist.trainer import train_main
+
+BLOCK = 64
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server process, stopped at the end of the module."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+    yield uri
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=4, include_dashboard=False, address="local")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory, ray_local) -> Path:
+    from data_pipeline.prepare import prepare_dataset
+    from data_pipeline.sources import shakespeare_files
+
+    corpus = tmp_path_factory.mktemp("corpus")
+    paragraphs = shakespeare_files()[1].read_text()[:40_000].split("\n\n")
+    for i in range(12):
+        (corpus / f"doc{i:02d}.txt").write_text("\n\n".join(paragraphs[i::12]))
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    prepare_dataset([str(corpus)], out, block_size=BLOCK, val_fraction=0.1)
+    return out
+
+
+def config(tmp: Path, data: Path, uri: str, name: str, *extra: str):
+    return load_config(overrides=[
+        "model.preset=nano", f"model.block_size={BLOCK}", f"data.path={data}",
+        "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=4",
+        "train.log_interval=1", "train.eval_interval=2", "train.eval_batches=1", "train.checkpoint_interval=2",
+        "train.sample_tokens=8", f"train.run_name={name}", "train.learning_rate=0.003", "train.warmup_steps=1",
+        f"ray.storage_path={tmp / 'ray'}", f"tracking.uri={uri}", f"tracking.runs_dir={tmp}",
+        "tracking.experiment=tracking-test", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def server_run(tmp_path_factory, tiny_dataset, mlflow_server):
+    tmp = tmp_path_factory.mktemp("server-run")
+    cfg = config(tmp, tiny_dataset, mlflow_server, "two-workers", "ray.num_workers=2",
+                 "tracking.log_checkpoints=all")
+    return train_main(cfg)
+
+
+def test_two_worker_run_is_fully_logged(server_run, mlflow_server):
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(server_run["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "two-workers"
+    p = run.data.params
+    assert p["model.preset"] == "nano" and p["ray.num_workers"] == "2" and p["train.max_steps"] == "4"
+    assert int(p["derived.num_params"]) > 3_000_000 and p["derived.global_batch_tokens"] == str(8 * BLOCK)
+    tags = run.data.tags
+    assert tags["gptdist.run_kind"] == "train"
+    assert tags["gptdist.device_type"] == "cpu"
+    assert len(tags["gptdist.dataset_manifest_sha256"]) == 64
+    assert {"gptdist.torch_version", "gptdist.ray_version", "gptdist.mlflow_version"} <= set(tags)
+    for key in ("train/loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_ms", "tokens_seen"):
+        assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)] == [1, 2, 3, 4], key
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/loss")) == [2, 4]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "dataset_manifest.json", "loss_curve.png", "model", "samples", "checkpoints"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/model.pt", "model/meta.json"}
+    assert len(client.list_artifacts(run.info.run_id, "samples")) == 2
+    assert len(client.list_artifacts(run.info.run_id, "checkpoints")) == 2
+
+
+def test_resumed_run_appends_to_the_same_mlflow_run(tmp_path, tiny_dataset, mlflow_server):
+    first = config(tmp_path, tiny_dataset, mlflow_server, "resumed", "train.max_steps=2", "train.lr_decay_steps=4")
+    a = train_main(first)
+    second = config(tmp_path, tiny_dataset, mlflow_server, "resumed", "train.lr_decay_steps=4")
+    b = train_main(second)
+    assert a["mlflow_run_id"] == b["mlflow_run_id"]
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("tracking-test")
+    same_name = client.search_runs([experiment.experiment_id], "tags.`gptdist.run_name` = 'resumed'")
+    assert len(same_name) == 1
+    steps = sorted(m.step for m in client.get_metric_history(b["mlflow_run_id"], "train/loss"))
+    assert steps == [1, 2, 3, 4]
+    assert same_name[0].info.status == "FINISHED"
+
+
+def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, tiny_dataset):
+    uri = f"http://127.0.0.1:{free_port()}"
+    cfg = config(tmp_path, tiny_dataset, uri, "nowhere")
+    with pytest.raises(TrackingUnavailableError, match=uri.replace(".", r"\.")):
+        train_main(cfg)
+    assert not (tmp_path / "ray" / "nowhere").exists()  # no Ray worker started
+
+
+def test_runs_table_lists_runs(server_run, mlflow_server, tmp_path, tiny_dataset):
+    cfg = config(tmp_path, tiny_dataset, mlflow_server, "unused")
+    rows = run_rows(cfg)
+    by_name = {r["name"]: r for r in rows}
+    assert {"two-workers", "resumed"} <= set(by_name)
+    two = by_name["two-workers"]
+    assert (two["n_layer"], two["n_head"], two["n_embd"]) == ("2", "2", "64")
+    assert two["status"] == "FINISHED" and two["steps"] == 4
+    client = MlflowClient(mlflow_server)
+    best = min(m.value for m in client.get_metric_history(server_run["mlflow_run_id"], "val/loss"))
+    assert two["best val loss"] == pytest.approx(best)
+    table = format_table(rows)
+    assert "two-workers" in table and "resumed" in table and "best val loss" in table
+    out = subprocess.run([sys.executable, "-m", "gptdist.cli", "runs", "--set", f"tracking.uri={mlflow_server}",
+                          "--experiment", "tracking-test"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "two-workers" in out.stdout and "resumed" in out.stdout
+
+
+def test_mlflow_ui_lists_runs_in_headless_chromium(server_run, mlflow_server):
+    """The experiment page of the real UI, rendered by a real browser."""
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("tracking-test")
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    url = f"{mlflow_server}/#/experiments/{experiment.experiment_id}"
+    common = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              f"--user-data-dir={artifacts / 'chromium-profile'}", "--virtual-time-budget=20000",
+              "--window-size=1400,900"]
+    dom = subprocess.run(common + ["--dump-dom", url], capture_output=True, text=True, timeout=180)
+    subprocess.run(common + [f"--screenshot={artifacts / 'mlflow-ui.png'}", url], capture_output=True, timeout=180)
+    assert "two-workers" in dom.stdout, dom.stdout[-2000:]
+    assert (artifacts / "mlflow-ui.png").stat().st_size > 10_000
