@@ -1,0 +1,263 @@
+"""Turn the `--from` argument of sample / eval / export into a checkpoint folder.
+
+Accepted, tried in this order:
+    a path        a checkpoint folder (has meta.json), or a Ray Train run
+                  folder holding `checkpoint_*` subfolders: the complete one
+                  with the highest step is taken
+    runs:/<id>[/<artifact-path>]
+                  the artifact folder (default `model`) of that MLflow run
+    a run name    the latest MLflow run of that name in tracking.experiment
+                  that logged a `model` artifact; failing that, the Ray
+                  checkpoints under {ray.storage_path}/{name}/
+
+MLflow downloads are cached under {tracking.runs_dir}/downloads/<run-id>/,
+written to a temporary folder first, so an interrupted download is never
+mistaken for a checkpoint.
+
+`load_inference_state` / `load_inference_model` then load the weights for
+sample, eval and export, checking that model.pt has the shape meta.json
+declares, so a mismatched checkpoint is a clear error naming both shapes
+rather than a wall of load_state_dict size mismatches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptdist.checkpoint import (
+    META_FILE,
+    CheckpointError,
+    check_shape,
+    load_model_state,
+    model_config_from_meta,
+    read_meta,
+)
+from gptdist.config import Config
+from gptdist.model import GPT, GPTConfig
+from gptdist.tracking import runs_dir, tracking_uri
+
+RUNS_SCHEME = "runs:/"
+DEFAULT_ARTIFACT_PATH = "model"  # where training logs its final checkpoint folder
+RUN_KIND_TAG = "gptdist.run_kind"
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    path: Path
+    run_id: str | None  # the MLflow training run, when known
+    origin: str  # how the source was found, for messages
+
+
+def resolve_checkpoint(source: str, cfg: Config) -> Path:
+    return resolve_source(source, cfg).path
+
+
+def resolve_source(source: str, cfg: Config) -> ResolvedCheckpoint:
+    if source.startswith(RUNS_SCHEME):
+        return _from_runs_uri(source, cfg)
+    path = Path(source).expanduser()
+    if path.exists():
+        return _from_local_path(path)
+    if "/" in source or source.startswith("."):
+        raise CheckpointError(f"no checkpoint folder at {path}")
+    return _from_run_name(source, cfg)
+
+
+# --- local folders ----------------------------------------------------------
+
+
+def _from_local_path(path: Path) -> ResolvedCheckpoint:
+    if (path / META_FILE).is_file():
+        meta = read_meta(path)
+        return ResolvedCheckpoint(path, meta.get("mlflow_run_id"), f"checkpoint folder {path}")
+    if path.is_dir() and any(path.glob("checkpoint_*")):
+        folder = latest_ray_checkpoint(path)
+        return ResolvedCheckpoint(folder, read_meta(folder).get("mlflow_run_id"), f"Ray run {path}")
+    raise CheckpointError(
+        f"{path} is neither a checkpoint folder ({META_FILE} missing) "
+        "nor a Ray Train run folder (no checkpoint_* subfolders)"
+    )
+
+
+def latest_ray_checkpoint(run_dir: Path) -> Path:
+    """The complete `checkpoint_*` folder with the highest step. Folders
+    without a readable meta.json (a write cut short) are skipped."""
+    candidates = []
+    for folder in sorted(run_dir.glob("checkpoint_*")):
+        try:
+            meta = read_meta(folder)
+        except CheckpointError:
+            continue
+        candidates.append((int(meta.get("step", -1)), folder.name, folder))
+    if not candidates:
+        raise CheckpointError(f"{run_dir} holds no complete checkpoint_* folder")
+    return max(candidates)[2]
+
+
+# --- MLflow -----------------------------------------------------------------
+
+
+def _client(cfg: Config):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(cfg.tracking))
+
+
+def _store_exists(uri: str) -> bool:
+    """Opening a SQLite URI creates the database; a lookup by run name must
+    not leave an empty store behind when there is none yet."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :]).is_file()
+    return True
+
+
+def _from_runs_uri(source: str, cfg: Config) -> ResolvedCheckpoint:
+    rest = source[len(RUNS_SCHEME) :].strip("/")
+    run_id, _, artifact_path = rest.partition("/")
+    if not run_id:
+        raise CheckpointError(f"{source!r}: expected runs:/<run-id>[/<artifact-path>]")
+    uri = tracking_uri(cfg.tracking)
+    if not _store_exists(uri) or not _run_exists(cfg, run_id):
+        raise CheckpointError(f"MLflow run {run_id!r} not found at tracking URI {uri}")
+    artifact_path = artifact_path or DEFAULT_ARTIFACT_PATH
+    folder = download_run_artifact(cfg, run_id, artifact_path)
+    return ResolvedCheckpoint(folder, run_id, f"MLflow run {run_id} artifact {artifact_path!r}")
+
+
+def _run_exists(cfg: Config, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _client(cfg).get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def _has_artifact(cfg: Config, run_id: str, artifact_path: str) -> bool:
+    parent, _, name = artifact_path.rpartition("/")
+    listed = _client(cfg).list_artifacts(run_id, parent or None)
+    return any(f.path == artifact_path and f.is_dir for f in listed)
+
+
+def download_run_artifact(cfg: Config, run_id: str, artifact_path: str) -> Path:
+    """The run's artifact folder on local disk, downloaded once."""
+    import mlflow.artifacts
+
+    uri = tracking_uri(cfg.tracking)
+    if not _has_artifact(cfg, run_id, artifact_path):
+        raise CheckpointError(
+            f"MLflow run {run_id} at {uri} has no artifact folder {artifact_path!r} "
+            "(did the training run finish and log its checkpoint?)"
+        )
+    cache = runs_dir(cfg.tracking) / "downloads" / run_id / artifact_path
+    if (cache / META_FILE).is_file():
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache.parent))
+    try:
+        got = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{RUNS_SCHEME}{run_id}/{artifact_path}",
+            tracking_uri=uri,
+            dst_path=str(tmp),
+        )
+        if cache.exists():  # an incomplete earlier download
+            shutil.rmtree(cache)
+        Path(got).rename(cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    read_meta(cache)  # a run that logged something other than a checkpoint
+    return cache
+
+
+def find_run_by_name(cfg: Config, name: str) -> str | None:
+    """Id of the latest run called `name` in tracking.experiment that logged
+    a model; eval runs are skipped."""
+    if not _store_exists(tracking_uri(cfg.tracking)):
+        return None
+    client = _client(cfg)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return None
+    quote = '"' if "'" in name else "'"
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.mlflow.runName = {quote}{name}{quote}",
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in runs:
+        if run.data.tags.get(RUN_KIND_TAG) == "eval":
+            continue
+        if _has_artifact(cfg, run.info.run_id, DEFAULT_ARTIFACT_PATH):
+            return run.info.run_id
+    return None
+
+
+def _from_run_name(name: str, cfg: Config) -> ResolvedCheckpoint:
+    run_id = find_run_by_name(cfg, name)
+    if run_id is not None:
+        folder = download_run_artifact(cfg, run_id, DEFAULT_ARTIFACT_PATH)
+        return ResolvedCheckpoint(folder, run_id, f"MLflow run {name!r} ({run_id})")
+    ray_dir = Path(cfg.ray.storage_path).expanduser().resolve() / name
+    if ray_dir.is_dir():
+        folder = latest_ray_checkpoint(ray_dir)
+        return ResolvedCheckpoint(
+            folder, read_meta(folder).get("mlflow_run_id"), f"Ray run {ray_dir}"
+        )
+    raise CheckpointError(
+        f"no checkpoint named {name!r}: no MLflow run of that name with a "
+        f"{DEFAULT_ARTIFACT_PATH!r} artifact in experiment {cfg.tracking.experiment!r} "
+        f"at {tracking_uri(cfg.tracking)}, and no Ray run folder {ray_dir}"
+    )
+
+
+# --- loading for inference --------------------------------------------------
+
+
+def weights_shape(state: dict[str, torch.Tensor], declared: GPTConfig) -> GPTConfig:
+    """The shape the tensors in model.pt actually have. n_head leaves no
+    trace in the weights, so the declared one is kept."""
+    try:
+        wte = state["transformer.wte.weight"]
+        wpe = state["transformer.wpe.weight"]
+    except KeyError as e:
+        raise CheckpointError(f"model.pt holds no GPT weights (missing {e})") from None
+    layers = {k.split(".")[2] for k in state if k.startswith("transformer.h.")}
+    return dataclasses.replace(
+        declared,
+        n_layer=len(layers),
+        n_embd=wte.shape[1],
+        vocab_size=wte.shape[0],
+        block_size=wpe.shape[0],
+        bias="transformer.ln_f.bias" in state,
+    )
+
+
+def load_inference_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], GPTConfig, dict[str, Any]]:
+    """(verified state_dict, model shape, meta) of a checkpoint folder."""
+    state, meta = load_model_state(folder)
+    try:
+        declared = model_config_from_meta(meta)
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}/{META_FILE} has no valid model shape: {e}") from None
+    # check_shape words it "checkpoint X vs model Y": here X is what
+    # meta.json declares, Y what model.pt holds.
+    check_shape(weights_shape(state, declared), meta, f"{folder} (meta.json vs model.pt)")
+    return state, declared, meta
+
+
+def load_inference_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
+    state, config, meta = load_inference_state(folder)
+    model = GPT(config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder}: model.pt does not fit a GPT of the declared shape: {e}") from None
+    return model.to(device).eval(), meta
