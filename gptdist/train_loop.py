@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -236,6 +237,7 @@ def train_worker(loop_config: dict) -> dict:
     loss_sum = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
     last_val = float("nan")
+    first_step_at, reported_once = None, False
     while state.step < cfg.train.max_steps:
         maybe_inject_fault(state.step, cfg, loop_config["fault_marker_dir"])
         lr = learning_rate(state.step, cfg)
@@ -252,6 +254,8 @@ def train_worker(loop_config: dict) -> dict:
             model, optimizer, scaler, micro_batches(), accumulation, precision, device,
             cfg.train.grad_clip, is_ddp)
         loss_sum += step_loss
+        if first_step_at is None and window_steps == 0 and not reported_once:
+            first_step_at = time.time()
         if applied:
             state.nonfinite_in_a_row = 0
         else:
@@ -292,7 +296,13 @@ def train_worker(loop_config: dict) -> dict:
             "tokens_seen": state.tokens_seen,
             "epoch": state.step / stream.steps_per_epoch,
             "nonfinite_steps": state.nonfinite_steps,
+            "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
+        if first_step_at is not None:  # the first report of this attempt
+            metrics["time_to_first_step_s"] = first_step_at - loop_config["driver_start_time"]
+            first_step_at = None
+        if device.type == "cuda":
+            metrics["device_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         if do_eval:
             last_val = evaluate(raw_model, val_shards, cfg, rank, world, device, precision)
             metrics["val/loss"] = last_val
@@ -303,6 +313,7 @@ def train_worker(loop_config: dict) -> dict:
                   f"| {tokens_per_s:,.0f} tok/s | mfu {metrics['mfu']:.1%} | threads {threads}", flush=True)
         report(metrics, do_ckpt, rank, raw_model, optimizer, scaler, state, cfg, stream, loop_config)
         loss_sum.zero_()
+        reported_once = True
         window_steps, window_start = 0, time.perf_counter()
     return {"step": state.step, "val_loss": last_val, "param_digests": gather_param_digests(raw_model, world)}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -173,6 +174,7 @@ def train_main(cfg: Config, force_local: bool = False, extra_loop_config: dict |
     `callbacks` are extra `ray.train.UserCallback`s (Tune passes its
     `TuneReportCallback`); `parent_run_id` nests the MLflow run (a Tune trial
     under its sweep)."""
+    extra_loop_config = {"driver_start_time": time.time(), **(extra_loop_config or {})}
     cfg.train.run_name = cfg.train.run_name or default_run_name(cfg)
     started_ray = connect_ray(cfg, force_local)
     try:

@@ -1,0 +1,150 @@
+"""`python -m bench [--quick]`: speed, efficiency and memory of gptdist on
+this machine, each against a baseline measured in the same run.
+
+Writes bench/results/<date>-<host>.json and prints a Markdown table.
+Targets are reported, never asserted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import ray
+
+from bench import bench_data, train_speed
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def row(name, value, baseline=None, target=None, unit="", note=""):
+    ratio = value / baseline if (baseline and value is not None) else None
+    met = None if target is None or ratio is None else ratio >= target
+    return {"name": name, "value": value, "baseline": baseline, "ratio": ratio, "target": target,
+            "met": met, "unit": unit, "note": note}
+
+
+def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
+    steps = 6 if quick else 12
+    threads = os.cpu_count() or 1
+    peaks = train_speed.matmul_peaks(threads)
+    rows = [row("matmul peak fp32", peaks["fp32"] / 1e9, unit="GFLOP/s"),
+            row("matmul peak bf16", peaks["bf16"] / 1e9, unit="GFLOP/s")]
+    raw: dict = {"peaks": peaks}
+    data = train_speed.ensure_shakespeare(tmp)
+    presets = ["mini"] if quick else ["micro", "mini"]
+    for name in presets:
+        plain = train_speed.plain_loop(name, steps, 2)
+        plain_bf16 = train_speed.plain_loop(name, steps, 2, precision="bf16")
+        fpt = plain["flops_per_token"]
+        mfu = lambda tps, peak: tps * fpt / peak
+        ray.init(num_cpus=threads + 1, include_dashboard=False, address="local")
+        try:
+            fp32 = train_speed.gptdist_run(name, steps + 3, data, "train.precision=fp32")
+            bf16 = train_speed.gptdist_run(name, steps + 3, data, "train.precision=bf16")
+            bf16c = None if quick else train_speed.gptdist_run(name, steps + 6, data, "train.precision=bf16",
+                                                                "train.compile=true")
+            two_workers = train_speed.gptdist_run(name, steps + 3, data, "ray.num_workers=2", "train.cpu_threads=1",
+                                                  "train.micro_batch_size=4", "train.precision=fp32")
+        finally:
+            ray.shutdown()
+        best_name, best = max([("bf16", bf16), ("bf16+compile", bf16c)], key=lambda kv: kv[1]["tokens_per_s"] if kv[1] else 0)
+        base = plain["tokens_per_s"]
+        rows += [
+            row(f"{name}: plain PyTorch loop fp32 (baseline)", base, unit="tok/s",
+                note=f"MFU {mfu(base, peaks['fp32']):.0%} of fp32 peak"),
+            row(f"{name}: plain PyTorch loop bf16 autocast", plain_bf16["tokens_per_s"], base, unit="tok/s"),
+            row(f"{name}: gptdist train 1 worker fp32", fp32["tokens_per_s"], base, 0.95, "tok/s",
+                f"MFU {mfu(fp32['tokens_per_s'], peaks['fp32']):.0%} of fp32 peak (target 75%)"),
+            row(f"{name}: gptdist train 1 worker {best_name}", best["tokens_per_s"], base, 2.0, "tok/s",
+                f"MFU {mfu(best['tokens_per_s'], peaks['bf16']):.0%} of bf16 peak (target 65%)"),
+            row(f"{name}: 2 workers x 1 thread vs 1 worker x 2 threads", two_workers["tokens_per_s"],
+                fp32["tokens_per_s"], unit="tok/s"),
+            row(f"{name}: time to first step, gptdist train (Ray running)", fp32["time_to_first_step_s"], unit="s"),
+            row(f"{name}: peak RSS driver / worker", fp32["driver_peak_rss_mb"], unit="MB",
+                note=f"worker {fp32['worker_peak_rss_mb']:.0f} MB"),
+        ]
+        raw[name] = {"plain_fp32": plain, "plain_bf16": plain_bf16, "gptdist_fp32": fp32, "gptdist_bf16": bf16,
+                     "gptdist_bf16_compile": bf16c, "gptdist_2x1": two_workers}
+    return rows, raw
+
+
+def measure_first_step_cold(tmp: Path) -> dict:
+    """Ray start + worker start + data ready: `gptdist train --local` from cold."""
+    import subprocess
+    import sys
+
+    data = tmp / "shakespeare-512"
+    out = subprocess.run(
+        [sys.executable, "-m", "gptdist.cli", "train", "--local", "--set", "model.preset=micro",
+         "--set", f"data.path={data}", "--set", "train.max_steps=1", "--set", "train.sample_tokens=0",
+         "--set", f"ray.storage_path={tmp}/ray-cold", "--set", f"tracking.uri=sqlite:///{tmp}/cold.db",
+         "--set", f"tracking.runs_dir={tmp}"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp}/cold.db")
+    exp = client.get_experiment_by_name("gptdist")
+    run = client.search_runs([exp.experiment_id])[0]
+    return {"time_to_first_step_s": run.data.metrics.get("time_to_first_step_s"), "rc": out.returncode}
+
+
+def markdown(rows: list[dict]) -> str:
+    def fmt(v) -> str:
+        return "-" if v is None else (f"{v:,.1f}" if isinstance(v, float) else str(v))
+
+    lines = ["| measurement | value | baseline | ratio | target | met | note |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        target = "-" if r["target"] is None else f">= {r['target']}x"
+        met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
+        lines.append(f"| {r['name']} | {fmt(r['value'])} {r['unit']} | {fmt(r['baseline'])} | {ratio} | "
+                     f"{target} | {met} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="the under-10-minute subset")
+    args = parser.parse_args()
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rows, raw = measure_training(args.quick, tmp)
+        cold = measure_first_step_cold(tmp)
+        rows.append(row("time to first step, gptdist train --local from cold", cold["time_to_first_step_s"], unit="s",
+                        note="Ray start + worker start + data ready"))
+        data = bench_data.run(args.quick)
+        raw["data"] = data
+    rows += data_rows(data)
+    gpu = sorted(RESULTS.glob("*h100*.json"))
+    report = {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+              "quick": args.quick, "cpus": os.cpu_count(), "seconds": time.time() - started,
+              "rows": rows, "raw": raw, "gpu_results": [p.name for p in gpu]}
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}.json"
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(markdown(rows))
+    print(f"\nwritten {out} in {report['seconds']:.0f} s")
+
+
+def data_rows(data: dict) -> list[dict]:
+    """Rows from bench_data's figures; the ingest baseline is the mini
+    model's training consumption as bench_data assumes it."""
+    consumption = data["ingest_tokens_per_s"] / data["ingest_vs_mini_model"]
+    return [
+        row("data: prepare throughput (Ray Data)", float(data["prepare_tokens_per_s"]),
+            float(data["baseline_tokens_per_s"]), 1.6, "tok/s",
+            f"baseline: nanoGPT prepare.py, one process; {data['corpus_tokens']:,} tokens"),
+        row("data: per-worker ingest (iter_torch_batches) vs mini consumption", float(data["ingest_tokens_per_s"]),
+            consumption, 20.0, "tok/s"),
+    ]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Training speed on this machine: a plain single-process PyTorch loop (how
+nanoGPT trains on a CPU) against `gptdist train` under Ray, same model, same
+batch, same run, so the ratio is honest."""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from gptdist.config import load_config
+from gptdist.metrics import measure_cpu_peak_flops
+from gptdist.model import GPT, preset
+from gptdist.train_step import build_optimizer, optimizer_step
+
+BATCH, BLOCK = 8, 512
+
+
+def matmul_peaks(threads: int) -> dict[str, float]:
+    torch.set_num_threads(threads)
+    return {p: measure_cpu_peak_flops(p, size=2048, seconds=3.0) for p in ("fp32", "bf16")}
+
+
+def plain_loop(preset_name: str, steps: int, warmup: int, precision: str = "fp32", compile_model: bool = False,
+               threads: int | None = None) -> dict:
+    """Single process, no Ray: model, AdamW, the same optimizer step."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.manual_seed(0)
+    cfg = load_config(overrides=[f"model.preset={preset_name}"])
+    model = GPT(preset(preset_name, block_size=BLOCK))
+    fpt = model.flops_per_token()
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    step_model = torch.compile(model) if compile_model else model
+    data = torch.randint(0, 50257, (warmup + steps, BATCH, BLOCK + 1))
+    times, losses = [], []
+    compile_start = time.perf_counter()
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        loss, _, _ = optimizer_step(step_model, optimizer, None, [data[i]], 1, precision,
+                                    torch.device("cpu"), 1.0, is_ddp=False)
+        losses.append(float(loss))
+        times.append(time.perf_counter() - start)
+    steady = statistics.median(times[warmup:])
+    return {
+        "tokens_per_s": BATCH * BLOCK / steady,
+        "flops_per_token": fpt,
+        "warmup_s": sum(times[:warmup]) if compile_model else None,
+        "total_s": time.perf_counter() - compile_start,
+        "losses": losses,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def gptdist_run(preset_name: str, steps: int, data_path: str, *overrides: str) -> dict:
+    """`gptdist train` on the running Ray; tokens/s is the median of the
+    reported windows after the first (which holds start-up and compile)."""
+    from gptdist.trainer import train_main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        cfg = load_config(overrides=[
+            f"model.preset={preset_name}", f"model.block_size={BLOCK}", f"data.path={data_path}",
+            f"train.global_batch_size={BATCH}", f"train.micro_batch_size={BATCH}", f"train.max_steps={steps}",
+            "train.log_interval=1", f"train.eval_interval={steps}", "train.eval_batches=1",
+            f"train.checkpoint_interval={steps}", "train.sample_tokens=0", f"ray.storage_path={tmp}/ray",
+            f"tracking.uri={uri}", f"tracking.runs_dir={tmp}", *overrides,
+        ])
+        start = time.perf_counter()
+        summary = train_main(cfg)
+        wall = time.perf_counter() - start
+        client = MlflowClient(uri)
+        run_id = summary["mlflow_run_id"]
+        history = lambda key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        tps = history("tokens_per_s")
+        first_step_s = history("time_to_first_step_s")
+        return {
+            "tokens_per_s": statistics.median(tps[2:] if len(tps) > 3 else tps[1:]),
+            "mfu_reported": statistics.median(history("mfu")[2:] or history("mfu")),
+            "losses": history("train/loss"),
+            "wall_s": wall,
+            "time_to_first_step_s": first_step_s[0] if first_step_s else None,
+            "worker_peak_rss_mb": max(history("worker_peak_rss_mb") or [0]),
+            "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+
+
+def ensure_shakespeare(root: Path) -> str:
+    from data_pipeline.prepare import prepare_dataset
+
+    out = root / "shakespeare-512"
+    prepare_dataset(["shakespeare"], out, block_size=BLOCK)
+    return str(out)
