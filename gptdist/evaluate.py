@@ -29,6 +29,7 @@ from gptdist.checkpoint_source import load_inference_state
 from gptdist.model import GPT, GPTConfig
 
 SOURCE_RUN_TAG = "gptdist.source_run_id"
+BATCHES_PER_BLOCK = 4
 
 
 class EvalError(RuntimeError):
@@ -93,6 +94,9 @@ def evaluate_split(
     state, config, meta = load_inference_state(model_folder)
     dataset = open_split(data_dir, split, config.block_size)  # checks shards against the manifest
     expected_rows = read_manifest(data_dir)["splits"][split]["rows"]
+    # A shard is read as one block, and a block goes to one actor: cut the
+    # blocks small (streaming, no shuffle) so every actor of the pool gets work.
+    dataset = dataset.repartition(target_num_rows_per_block=batch_size * BATCHES_PER_BLOCK)
     results = dataset.map_batches(
         TokenLossModel,
         fn_constructor_kwargs=dict(
@@ -219,6 +223,7 @@ def evaluate_on_cluster(cfg, model_folder: Path, data_dir: str, split: str) -> d
 def eval_main(args) -> int:
     """`gptdist eval`: loss and perplexity over a split, logged to MLflow
     (a tracking failure only warns when tracking.required is false)."""
+    from data_pipeline.manifest import DatasetError
     from gptdist.checkpoint import CheckpointError, read_meta
     from gptdist.checkpoint_source import resolve_source
     from gptdist.config import load_config
@@ -230,7 +235,7 @@ def eval_main(args) -> int:
         resolved = resolve_source(args.source, cfg)
         data_dir = args.data or default_data_dir(read_meta(resolved.path), cfg)
         result = evaluate_on_cluster(cfg, resolved.path, data_dir, args.split)
-    except (CheckpointError, EvalError, ConnectionError, ValueError) as e:  # DatasetError is a ValueError
+    except (CheckpointError, DatasetError, EvalError, ConnectionError) as e:
         print(f"gptdist eval: {e}", file=sys.stderr)
         return 1
     print(f"{result['split']}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
