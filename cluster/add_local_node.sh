@@ -43,4 +43,5 @@ if ! wait "$pid"; then
     rm -f "$STATE_DIR/node-$n.pgid"
     die "ray start --address $GPTDIST_RAY_GCS_ADDRESS failed (log: $STATE_DIR/logs/node-$n-start.log)"
 fi
+record_group "$STATE_DIR/node-$n.pgid"
 echo "node $n joined the Ray cluster at $GPTDIST_RAY_GCS_ADDRESS with ${GPTDIST_NODE_NUM_CPUS:-1} CPU(s)"

@@ -4,8 +4,10 @@
 #   env            `source` it to talk to the cluster (RAY_ADDRESS, MLFLOW_TRACKING_URI, auth)
 #   auth_token     the Ray cluster's token (mode 600)
 #   ray.pgid       process group of the Ray head's processes
-#   ray.pids       the head's processes right after start (for inspection)
 #   mlflow.pid     the MLflow server (also its process group)
+#   node-<n>.pgid  process group of a node added by add_local_node.sh
+#   *.pids         each group's processes right after start ("PID START NAME"),
+#                  which tells a live group from a reused PID
 #   logs/          ray-start.log, mlflow.log
 #   mlflow.db, mlartifacts/   the default MLflow store
 # GPTDIST_PYTHON       the Python environment holding ray and mlflow (default: .venv/bin/python)
@@ -33,15 +35,24 @@ die() {
     exit 1
 }
 
-# True when the PID in file $1 is a live process (not a zombie).
-pid_alive() {
-    local pid
-    [[ -f $1 ]] || return 1
-    pid="$(cat "$1")"
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
-    [[ -r /proc/$pid/stat ]] || return 1
-    # The state is the field after "(comm)"; Z is a zombie.
-    [[ "$(sed 's/.*) //' "/proc/$pid/stat" | cut -d' ' -f1)" != Z ]]
+# group_running PGID_FILE: true while the process group recorded in the
+# file (by a start script, with its members in the matching .pids file)
+# still runs; see cluster/local_processes.py.
+group_running() {
+    local file=$1 record="${1%.*}.pids" pgid
+    [[ -f $file ]] || return 1
+    pgid="$(cat "$file")"
+    [[ $pgid =~ ^[0-9]+$ ]] || return 1
+    if [[ -f $record ]]; then
+        "$PY" "$HERE/local_processes.py" running "$pgid" --recorded "$record"
+    else
+        "$PY" "$HERE/local_processes.py" running "$pgid"
+    fi
+}
+
+# record_group PGID_FILE: save the group's current members beside it.
+record_group() {
+    "$PY" "$HERE/local_processes.py" members "$(cat "$1")" >"${1%.*}.pids"
 }
 
 # True when nothing accepts connections on host $1 port $2.

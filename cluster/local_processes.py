@@ -16,8 +16,15 @@ Stopping follows `ray stop`'s order: the raylet first (the agents and
 workers fate-share with it), then everything else, then the GCS last;
 SIGTERM, and SIGKILL for what is still alive after the grace period.
 
-    python cluster/local_processes.py members PGID       # PIDs, one a line
-    python cluster/local_processes.py stop PGID [--grace SECONDS]
+    python cluster/local_processes.py members PGID      # "PID START NAME" lines
+    python cluster/local_processes.py running PGID [--recorded FILE]   # exit status 0: yes
+    python cluster/local_processes.py stop PGID [--grace SECONDS] [--recorded FILE]
+
+PIDs are reused (pid_max is 32768 on many machines), so a group id read
+from a state file may name someone else's processes by the time it is
+stopped, after a reboot say. The start scripts therefore save `members`
+output; `stop --recorded FILE` stops the group only while one of the
+processes recorded there (same PID, same start time) is still in it.
 """
 
 from __future__ import annotations
@@ -121,18 +128,44 @@ def stop_group(pgid: int, grace: float = 10.0) -> list[int]:
     return [p.pid for p in stubborn]
 
 
+def read_record(path: Path) -> set[tuple[int, int]]:
+    """(PID, start time) pairs saved from `members` output."""
+    pairs = set()
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+            pairs.add((int(parts[0]), int(parts[1])))
+    return pairs
+
+
+def is_recorded_group(pgid: int, record: Path) -> bool:
+    return any((p.pid, p.start) in read_record(record) for p in group_members(pgid))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("members", help="print the PIDs of a process group and its descendants")
     p.add_argument("pgid", type=int)
+    p = sub.add_parser("running", help="exit status 0 when the group has live processes")
+    p.add_argument("pgid", type=int)
+    p.add_argument("--recorded", type=Path, help="`members` output saved at start")
     p = sub.add_parser("stop", help="stop a process group and its descendants")
     p.add_argument("pgid", type=int)
     p.add_argument("--grace", type=float, default=10.0, help="seconds before SIGKILL")
+    p.add_argument("--recorded", type=Path, help="`members` output saved at start")
     args = parser.parse_args(argv)
     if args.command == "members":
         for proc in group_members(args.pgid):
-            print(proc.pid, proc.name)
+            print(proc.pid, proc.start, proc.name)
+        return 0
+    if args.command == "running":
+        if args.recorded:
+            return 0 if is_recorded_group(args.pgid, args.recorded) else 1
+        return 0 if group_members(args.pgid) else 1
+    if args.recorded and not is_recorded_group(args.pgid, args.recorded):
+        print(f"process group {args.pgid} holds none of the processes in {args.recorded} "
+              "(they have exited); nothing stopped", file=sys.stderr)
         return 0
     killed = stop_group(args.pgid, args.grace)
     if killed:

@@ -42,7 +42,7 @@ DASHBOARD_URL="http://$(url_host "$RAY_HOST"):$DASHBOARD_PORT"
 MLFLOW_URL="http://$(url_host "${GPTDIST_MLFLOW_HOST:-127.0.0.1}"):${GPTDIST_MLFLOW_PORT:-5000}"
 
 [[ -x $BIN_DIR/ray ]] || die "no ray beside $PY (run make setup, or set GPTDIST_PYTHON)"
-if [[ -f $STATE_DIR/ray.pgid ]] && [[ -n "$("$PY" "$HERE/local_processes.py" members "$(cat "$STATE_DIR/ray.pgid")")" ]]; then
+if group_running "$STATE_DIR/ray.pgid"; then
     die "a Ray head from $STATE_DIR is already running; stop it with cluster/stop_local.sh"
 fi
 for port in "$RAY_PORT" "$DASHBOARD_PORT" "$CLIENT_PORT" "$AGENT_PORT"; do
@@ -102,7 +102,7 @@ if ! wait_for_url "$DASHBOARD_URL/api/jobs/" 120 "$token"; then
     "$HERE/stop_local.sh" >&2 || true
     die "the Ray Jobs API did not answer at $DASHBOARD_URL (logs: $STATE_DIR/logs/)"
 fi
-"$PY" "$HERE/local_processes.py" members "$ray_pid" >"$STATE_DIR/ray.pids"
+record_group "$STATE_DIR/ray.pgid"
 # "ray start --address='<ip>:<port>'" is how ray start says where to join.
 GCS_ADDRESS="$(sed -n "s/.*ray start --address='\([^']*\)'.*/\1/p" "$STATE_DIR/logs/ray-start.log" | head -n 1)"
 

@@ -28,7 +28,7 @@ BACKEND_URI=${GPTDIST_MLFLOW_BACKEND_URI:-sqlite:///$STATE_DIR/mlflow.db}
 ARTIFACTS=${GPTDIST_MLFLOW_ARTIFACTS:-$STATE_DIR/mlartifacts}
 MLFLOW_URL="http://$(url_host "$MLFLOW_HOST"):$MLFLOW_PORT"
 
-if pid_alive "$STATE_DIR/mlflow.pid"; then
+if group_running "$STATE_DIR/mlflow.pid"; then
     die "an MLflow server from $STATE_DIR is already running (PID $(cat "$STATE_DIR/mlflow.pid")); stop it with cluster/stop_local.sh"
 fi
 port_free "$MLFLOW_HOST" "$MLFLOW_PORT" || die "port $MLFLOW_PORT on $MLFLOW_HOST is in use; set GPTDIST_MLFLOW_PORT"
@@ -53,5 +53,6 @@ if ! wait_for_url "$MLFLOW_URL/health" 90 "" "$(cat "$STATE_DIR/mlflow.pid")"; t
     "$HERE/stop_local.sh" --mlflow-only >&2 || true
     die "MLflow did not answer at $MLFLOW_URL/health (log: $STATE_DIR/logs/mlflow.log)"
 fi
+record_group "$STATE_DIR/mlflow.pid"
 echo "$MLFLOW_URL" >"$STATE_DIR/mlflow.url"
 echo "MLflow tracking server: $MLFLOW_URL (store: ${BACKEND_URI%%://*}, log: $STATE_DIR/logs/mlflow.log)"

@@ -18,14 +18,15 @@ what=all
 [[ ${1:-} == --mlflow-only ]] && what=mlflow
 
 stop_group_file() { # FILE LABEL
-    local file=$1 label=$2 pgid
+    local file=$1 label=$2 record="${1%.*}.pids" pgid args=()
     [[ -f $file ]] || return 0
     pgid="$(cat "$file")"
-    if [[ $pgid =~ ^[0-9]+$ ]] && [[ -n "$("$PY" "$HERE/local_processes.py" members "$pgid")" ]]; then
+    [[ -f $record ]] && args=(--recorded "$record")
+    if group_running "$file"; then
         echo "stopping $label (process group $pgid)"
-        "$PY" "$HERE/local_processes.py" stop "$pgid" --grace "$GRACE"
+        "$PY" "$HERE/local_processes.py" stop "$pgid" --grace "$GRACE" "${args[@]}"
     fi
-    rm -f "$file"
+    rm -f "$file" "$record"
 }
 
 if [[ $what == all ]]; then
@@ -34,7 +35,7 @@ if [[ $what == all ]]; then
         [[ -e $node ]] && stop_group_file "$node" "Ray node $(basename "$node" .pgid)"
     done
     stop_group_file "$STATE_DIR/ray.pgid" "the Ray head"
-    rm -f "$STATE_DIR/ray.pids" "$STATE_DIR/env"
+    rm -f "$STATE_DIR/env"
 fi
 stop_group_file "$STATE_DIR/mlflow.pid" "the MLflow server"
 rm -f "$STATE_DIR/mlflow.url"

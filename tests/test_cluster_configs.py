@@ -390,3 +390,31 @@ def test_stop_group_stops_the_group_and_its_descendants_only(tmp_path):
         bystander.kill()
         for p in lp.group_members(leader.pid):
             os.kill(p.pid, signal.SIGKILL)
+
+
+def test_stop_leaves_a_group_alone_when_it_is_not_the_recorded_one(tmp_path):
+    """A stale state file (PIDs reused since, e.g. after a reboot) must not
+    get someone else's processes killed."""
+    lp = import_local_processes()
+    other = subprocess.Popen(["setsid", "sleep", "304"])
+    try:
+        deadline = time.monotonic() + 10
+        while not lp.group_members(other.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (me,) = lp.group_members(other.pid)
+        record = tmp_path / "ray.pids"
+        record.write_text(f"{me.pid} {me.start + 1} gcs_server\n")  # same PID, another process
+        out = subprocess.run(
+            [sys.executable, str(CLUSTER / "local_processes.py"), "stop", str(other.pid), "--recorded", str(record)],
+            capture_output=True, text=True, check=True,
+        )
+        assert "nothing stopped" in out.stderr
+        assert other.poll() is None
+        record.write_text(f"{me.pid} {me.start} sleep\n")
+        subprocess.run(
+            [sys.executable, str(CLUSTER / "local_processes.py"), "stop", str(other.pid), "--recorded", str(record)],
+            check=True,
+        )
+        assert other.wait(timeout=10) is not None
+    finally:
+        other.kill()
