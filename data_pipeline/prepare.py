@@ -1,0 +1,523 @@
+"""`gptdist prepare`: tokenize a corpus into fixed-size rows in Parquet.
+
+Pipeline:
+
+1. Resolve the sources into files (driver; see `sources`).
+2. Read and tokenize in parallel: Ray Data `map_batches` over the files,
+   tiktoken's `encode_ordinary_batch` per batch of documents. Each document
+   becomes its key, a hash of its text, its token count and its tokens
+   followed by EOT. The result stays in Ray's object store (spilled to disk
+   past its memory); it is never gathered in one process.
+3. Plan (driver): only the per-document counts and hashes come back. The
+   split, a prefix sum of the counts (each document's stream offset), the
+   rows and the shards follow from those alone (see `packing`).
+4. Assemble: one Ray task per shard gathers, from the tokenized blocks, the
+   document pieces of its row range and cuts them into rows.
+5. Write through Ray Data's `write_parquet`, then name the files
+   `shard-NNNNN.parquet` from the split and shard each carries in its schema
+   metadata, and hash them.
+6. Commit: everything is written into a sibling `DIR.tmp-<pid>`, the
+   manifest last, and the folder is renamed to DIR.
+
+Guarantees:
+
+- The shards are byte-identical for the same sources and settings whatever
+  the number of Ray workers, blocks or shards in flight: row contents
+  depend only on the document order (by key) and the per-document counts.
+- An interrupted run leaves at most a `DIR.tmp-<pid>` folder, which is never
+  taken for a dataset; DIR is either absent, the previous dataset, or the
+  new complete one.
+- Preparing into a folder that already holds this same dataset is a no-op
+  unless `overwrite`. A folder holding a dataset made with other settings,
+  or a damaged one, is replaced only with `overwrite`. A folder holding
+  anything else is refused and left untouched, even with `overwrite`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+import gptdist
+from data_pipeline.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    SPLITS,
+    DatasetError,
+    is_dataset_folder,
+    read_manifest,
+    sha256_file,
+    shard_name,
+    verify_split,
+    write_manifest,
+)
+from data_pipeline.packing import (
+    CorpusTooSmallError,
+    SplitPlan,
+    assign_splits,
+    dropped_tokens,
+    pack_into_blocks,
+    plan_shards,
+    rows_in_stream,
+    shard_segments,
+    token_dtype,
+)
+from data_pipeline.sources import InputFile, SourceError, read_documents, resolve_sources
+from gptdist.tokenizer import EOT_TOKEN, TOKENIZER_NAME, VOCAB_SIZE, get_tokenizer, vocab_hashes
+
+TOKEN_DTYPE = token_dtype(VOCAB_SIZE)
+# A shard of about 32 MiB of tokens: few enough files for the Parquet
+# metadata to stay small, enough of them for parallel reads of large corpora.
+SHARD_BYTES = 32 << 20
+# One tokenizer thread per batch: Ray Data already runs one task per CPU,
+# and tiktoken's threads would only compete with the other tasks.
+TOKENIZER_THREADS = 1
+# Parameters of a preparation that decide its content: a folder holding a
+# dataset made with other values is not "already prepared".
+REQUEST_KEYS = ("sources", "block_size", "val_fraction", "text_column")
+
+
+# --- the library entry points -----------------------------------------------
+
+
+def prepare_dataset(
+    sources: list[str],
+    out_dir: str | Path,
+    *,
+    block_size: int = 512,
+    val_fraction: float = 0.05,
+    text_column: str = "text",
+    overwrite: bool = False,
+    rows_per_shard: int | None = None,
+    num_blocks: int | None = None,
+    concurrency: int | None = None,
+    num_cpus: int | None = None,
+) -> dict[str, Any]:
+    """Prepare `sources` into `out_dir` (see the module docstring) and return
+    the manifest. `rows_per_shard` defaults to about SHARD_BYTES per shard;
+    `num_blocks` and `concurrency` tune the Ray Data tokenization and never
+    change the output; `num_cpus` applies only if a local Ray is started.
+    Raises SourceError for bad input, DatasetError for an output folder that
+    cannot be used."""
+    request = _request(sources, block_size, val_fraction, text_column)
+    out = Path(out_dir).expanduser().resolve()
+    existing = _existing_dataset(out, request, overwrite)
+    if existing is not None:
+        print(f"{out} already holds this dataset; nothing to do (--overwrite rebuilds it)")
+        return existing
+    files = resolve_sources(request["sources"], text_column)
+    rows_per_shard = rows_per_shard or max(1, SHARD_BYTES // ((block_size + 1) * TOKEN_DTYPE.itemsize))
+    with ray_session(num_cpus=num_cpus):
+        started = time.perf_counter()
+        staging = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        try:
+            manifest = _build(files, staging, request, rows_per_shard, num_blocks, concurrency)
+            _move_into_place(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        seconds = time.perf_counter() - started
+    print_summary(out, manifest, seconds)
+    return manifest
+
+
+def ensure_dataset(cfg, *, checksums: bool = True) -> Path:
+    """The absolute path of `cfg.data.path`, verified for the model's block
+    size. A missing dataset is prepared first when the sources are the
+    embedded default ["shakespeare"]; otherwise it is a DatasetError telling
+    the user to run `gptdist prepare`."""
+    path = Path(cfg.data.path).expanduser().resolve()
+    if not path.exists():
+        if list(cfg.data.sources) != ["shakespeare"]:
+            raise DatasetError(
+                f"dataset {path} does not exist; prepare it with "
+                f"`gptdist prepare --out {cfg.data.path}` (sources: {cfg.data.sources})"
+            )
+        print(f"dataset {path} does not exist: preparing it from the embedded Shakespeare corpus")
+        prepare_dataset(
+            ["shakespeare"],
+            path,
+            block_size=cfg.model.block_size,
+            val_fraction=cfg.data.val_fraction,
+            text_column=cfg.data.text_column,
+            num_cpus=cfg.ray.local_num_cpus,
+        )
+    for split in SPLITS:
+        verify_split(path, split, block_size=cfg.model.block_size, checksums=checksums)
+    return path
+
+
+def main_from_args(args) -> int:
+    """`gptdist prepare`: the config gives the defaults, flags override."""
+    from gptdist.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+
+    def flag_or(value, default):
+        return default if value is None else value
+
+    try:
+        prepare_dataset(
+            flag_or(args.source, cfg.data.sources),
+            flag_or(args.out, cfg.data.path),
+            block_size=flag_or(args.block_size, cfg.model.block_size),
+            val_fraction=flag_or(args.val_fraction, cfg.data.val_fraction),
+            text_column=flag_or(args.text_column, cfg.data.text_column),
+            overwrite=args.overwrite,
+            num_cpus=cfg.ray.local_num_cpus,
+        )
+    except (SourceError, DatasetError) as e:
+        print(f"gptdist prepare: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+@contextlib.contextmanager
+def ray_session(num_cpus: int | None = None) -> Iterator[None]:
+    """Use the Ray this process already runs; otherwise connect to
+    RAY_ADDRESS if set, else start a local Ray (the only case `num_cpus`
+    applies to). Shuts down only a Ray it started or connected to."""
+    if ray.is_initialized():
+        yield
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+    else:
+        # address="local": a new Ray of our own, not a cluster recorded in
+        # /tmp/ray by some other process on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# --- the output folder --------------------------------------------------------
+
+
+def _request(sources, block_size: int, val_fraction: float, text_column: str) -> dict[str, Any]:
+    if isinstance(sources, (str, Path)):
+        sources = [sources]
+    if block_size < 1:
+        raise SourceError(f"block_size={block_size} must be at least 1")
+    if not 0.0 < val_fraction < 1.0:
+        raise SourceError(f"val_fraction={val_fraction} must be in (0, 1)")
+    return {
+        "sources": [str(s) for s in sources],
+        "block_size": int(block_size),
+        "val_fraction": float(val_fraction),
+        "text_column": text_column,
+    }
+
+
+def _existing_dataset(out: Path, request: dict[str, Any], overwrite: bool) -> dict | None:
+    """The manifest if `out` already holds the requested dataset (and not
+    `overwrite`); None if `out` may be (re)built. Refuses a folder that is
+    not ours, and without `overwrite` one holding another or damaged dataset."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    if not is_dataset_folder(out):
+        raise DatasetError(
+            f"output {out} exists and is not a gptdist dataset; refusing to touch it "
+            "(choose another --out, or remove it yourself)"
+        )
+    if overwrite:
+        return None
+    try:
+        for split in SPLITS:
+            verify_split(out, split)
+        manifest = read_manifest(out)
+    except DatasetError as e:
+        raise DatasetError(f"{out} holds a damaged dataset ({e}); --overwrite rebuilds it") from None
+    for key in REQUEST_KEYS:
+        if manifest.get(key) != request[key]:
+            raise DatasetError(
+                f"{out} holds a dataset prepared with {key}={manifest.get(key)!r}, "
+                f"not {request[key]!r}; --overwrite replaces it"
+            )
+    return manifest
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the complete staging folder to `out`, replacing a previous
+    dataset or an empty folder. Between the two renames `out` is absent,
+    never half-written."""
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        os.rename(staging, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(staging, out)
+
+
+# --- building -----------------------------------------------------------------
+
+
+def _build(
+    files: list[InputFile],
+    staging: Path,
+    request: dict[str, Any],
+    rows_per_shard: int,
+    num_blocks: int | None,
+    concurrency: int | None,
+) -> dict[str, Any]:
+    """Tokenize, plan, assemble and write into `staging`; the manifest last."""
+    shutil.rmtree(staging, ignore_errors=True)  # a leftover of this same pid
+    staging.mkdir(parents=True)
+    block_size = request["block_size"]
+    with _source_errors_unwrapped():
+        blocks = tokenize_files(files, request["text_column"], num_blocks, concurrency).to_arrow_refs()
+        docs = DocumentIndex.from_blocks(blocks)
+    if docs.count == 0:
+        raise SourceError(f"empty corpus: {request['sources']} hold no text")
+    try:
+        train, val, method = assign_splits(docs.split_hash, docs.n_tokens, request["val_fraction"], block_size)
+    except CorpusTooSmallError as e:
+        raise SourceError(f"corpus too small: {e}") from None
+    plans = {"train": train, "val": val}
+    shards = {split: plan_shards(rows_in_stream(p.tokens, block_size), rows_per_shard) for split, p in plans.items()}
+    tables = [
+        _assemble(docs, blocks, split, k, plans[split], first, n, block_size)
+        for split in SPLITS
+        for k, (first, n) in enumerate(shards[split])
+    ]
+    write_shards(tables, staging, shards)
+    manifest = _manifest(request, len(files), docs, plans, method, shards, staging)
+    write_manifest(staging, manifest)
+    return manifest
+
+
+@contextlib.contextmanager
+def _source_errors_unwrapped() -> Iterator[None]:
+    """A SourceError raised in a Ray worker reaches the driver wrapped in
+    Ray's exceptions, its message buried in a traceback; re-raise the
+    original."""
+    try:
+        yield
+    except Exception as e:
+        original = _original_source_error(e)
+        if original is None:
+            raise
+        raise SourceError(*original.args) from None
+
+
+def _original_source_error(error: BaseException | None) -> SourceError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, SourceError) and not isinstance(error, ray.exceptions.RayTaskError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
+
+
+def tokenize_files(
+    files: list[InputFile], text_column: str, num_blocks: int | None, concurrency: int | None
+) -> ray.data.MaterializedDataset:
+    """Ray Data: read the files' documents and tokenize them, in parallel
+    over files. One row per non-empty document."""
+    items = [{"file_no": i, "path": f.path, "kind": f.kind} for i, f in enumerate(files)]
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # A few blocks per CPU balances the load; one per file would pay Ray's
+    # per-task overhead hundreds of times for a folder of small files.
+    n_blocks = num_blocks or min(len(items), 4 * cpus)
+    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+    ds = ds.map_batches(
+        read_file_batch, fn_kwargs={"text_column": text_column},
+        batch_size=None, batch_format="pyarrow", concurrency=concurrency,
+    )
+    ds = ds.map_batches(tokenize_documents, batch_size=None, batch_format="pyarrow", concurrency=concurrency)
+    return ds.materialize()
+
+
+def read_file_batch(batch: pa.Table, text_column: str) -> Iterator[pa.Table]:
+    """Ray Data UDF: (file_no, path, kind) rows -> tables of documents."""
+    for file_no, path, kind in zip(*(batch.column(c).to_pylist() for c in ("file_no", "path", "kind"))):
+        yield from read_documents(InputFile(path, kind), file_no, text_column)
+
+
+def tokenize_documents(batch: pa.Table) -> pa.Table:
+    """Ray Data UDF: documents -> key, text hash, token count and tokens
+    (the document's, then EOT), one row per document."""
+    texts = batch.column("text").to_pylist()
+    ids = get_tokenizer().encode_ordinary_batch(texts, num_threads=TOKENIZER_THREADS)
+    lengths = np.fromiter((len(doc) + 1 for doc in ids), np.int64, len(ids))
+    offsets = np.zeros(len(ids) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.empty(offsets[-1], TOKEN_DTYPE)
+    for doc, start in zip(ids, offsets):
+        values[start : start + len(doc)] = doc
+        values[start + len(doc)] = EOT_TOKEN
+    return pa.table({
+        "file_no": batch.column("file_no"),
+        "item_no": batch.column("item_no"),
+        "split_hash": np.fromiter((text_hash(t) for t in texts), np.uint64, len(texts)),
+        "n_tokens": lengths,
+        "tokens": pa.LargeListArray.from_arrays(offsets, values),
+    })
+
+
+def text_hash(text: str) -> int:
+    """64 bits of BLAKE2b over the UTF-8 text: decides the document's split."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+@ray.remote
+def _block_summary(block: pa.Table) -> dict[str, np.ndarray]:
+    if block.num_rows == 0:  # possibly without columns at all
+        return {c: np.zeros(0, dtype) for c, dtype in DocumentIndex.COLUMNS.items()}
+    return {c: block.column(c).to_numpy().astype(dtype) for c, dtype in DocumentIndex.COLUMNS.items()}
+
+
+@dataclass
+class DocumentIndex:
+    """Per-document arrays in key order (file_no, item_no): where each
+    document's tokens live (block, row) and its count and hash. Small: no
+    tokens, one entry per document."""
+
+    COLUMNS = {"file_no": np.int32, "item_no": np.int64, "split_hash": np.uint64, "n_tokens": np.int64}
+    block: np.ndarray
+    row: np.ndarray
+    split_hash: np.ndarray
+    n_tokens: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.n_tokens)
+
+    @classmethod
+    def from_blocks(cls, blocks: list[ray.ObjectRef]) -> DocumentIndex:
+        parts = ray.get([_block_summary.remote(b) for b in blocks])
+        sizes = [len(p["n_tokens"]) for p in parts]
+        col = {c: np.concatenate([np.zeros(0, t)] + [p[c] for p in parts]) for c, t in cls.COLUMNS.items()}
+        block = np.repeat(np.arange(len(parts)), sizes)
+        row = np.concatenate([np.zeros(0, np.int64)] + [np.arange(n) for n in sizes])
+        order = np.lexsort((col["item_no"], col["file_no"]))
+        return cls(block[order], row[order], col["split_hash"][order], col["n_tokens"][order])
+
+    def shard_inputs(self, blocks: list, plan: SplitPlan, first_row: int, n_rows: int, block_size: int):
+        """What `assemble_shard` needs for a shard: its document pieces as
+        (slot, row, start, end) rows, and the tokenized blocks they live in
+        (slot indexes this list)."""
+        doc, start, end = shard_segments(plan, first_row, n_rows, block_size)
+        used, slot = np.unique(self.block[doc], return_inverse=True)
+        pieces = np.stack([slot, self.row[doc], start, end], axis=1).astype(np.int64)
+        return pieces, [blocks[b] for b in used]
+
+
+# Written by hand: Ray Data has no ordered gather of global stream positions
+# across blocks, which is what cutting rows that straddle documents needs.
+@ray.remote
+def assemble_shard(
+    split: str, shard: int, first_row: int, n_rows: int, block_size: int,
+    pieces: np.ndarray, *blocks: pa.Table,
+) -> pa.Table:
+    """The shard's table: `tokens` rows cut from the concatenated document
+    pieces, `row` their global indices; its schema metadata names the split
+    and shard so the written file can be named."""
+    token_lists = [b.column("tokens").combine_chunks() for b in blocks]
+    offsets = [lists.offsets.to_numpy() for lists in token_lists]
+    values = [lists.values.to_numpy() for lists in token_lists]
+    stream = np.empty(n_rows * block_size + 1, TOKEN_DTYPE)
+    pos = 0
+    for slot, row, start, end in pieces:
+        base = offsets[slot][row]
+        stream[pos : pos + end - start] = values[slot][base + start : base + end]
+        pos += end - start
+    rows = pack_into_blocks(stream, block_size)
+    table = pa.table({
+        "tokens": pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), block_size + 1),
+        "row": pa.array(np.arange(first_row, first_row + n_rows, dtype=np.int64)),
+    })
+    return table.replace_schema_metadata({"gptdist.split": split, "gptdist.shard": str(shard)})
+
+
+def _assemble(docs, blocks, split, shard, plan, first_row, n_rows, block_size) -> ray.ObjectRef:
+    pieces, refs = docs.shard_inputs(blocks, plan, first_row, n_rows, block_size)
+    return assemble_shard.remote(split, shard, first_row, n_rows, block_size, pieces, *refs)
+
+
+def write_shards(tables: list, staging: Path, shards: dict[str, list[tuple[int, int]]]) -> None:
+    """Ray Data writes the tables, one file each; each file is then renamed
+    to `staging/<split>/shard-NNNNN.parquet` from its schema metadata,
+    because Ray names files by write task, which depends on scheduling."""
+    parts = staging / "parts"
+    ray.data.from_arrow_refs(tables).write_parquet(str(parts))
+    expected = {(split, k): n for split, plan in shards.items() for k, (_, n) in enumerate(plan)}
+    for split in SPLITS:
+        (staging / split).mkdir()
+    for path in sorted(parts.glob("*.parquet")):
+        meta = pq.read_schema(path).metadata
+        key = (meta[b"gptdist.split"].decode(), int(meta[b"gptdist.shard"]))
+        if expected.pop(key, None) != pq.read_metadata(path).num_rows:
+            raise RuntimeError(f"Ray Data wrote {path.name} not as one file per shard table ({key})")
+        os.rename(path, staging / key[0] / shard_name(key[1]))
+    if expected or any(parts.iterdir()):
+        raise RuntimeError(f"Ray Data did not write shards {sorted(expected)} as planned")
+    parts.rmdir()
+
+
+def _manifest(request, n_files, docs: DocumentIndex, plans, method, shards, staging: Path) -> dict[str, Any]:
+    block_size = request["block_size"]
+    splits = {}
+    for split, plan in plans.items():
+        rows = rows_in_stream(plan.tokens, block_size)
+        splits[split] = {
+            "documents": plan.documents,
+            "tokens": plan.tokens,
+            "rows": rows,
+            "dropped_tokens": dropped_tokens(plan.tokens, block_size),
+            "shards": [
+                {"file": shard_name(k), "rows": n, "first_row": first,
+                 "sha256": sha256_file(staging / split / shard_name(k))}
+                for k, (first, n) in enumerate(shards[split])
+            ],
+        }
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "gptdist_version": gptdist.__version__,
+        "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "tokenizer": {"name": TOKENIZER_NAME, "vocab_hashes": vocab_hashes(),
+                      "eot_token": EOT_TOKEN, "vocab_size": VOCAB_SIZE},
+        "block_size": block_size,
+        "row_length": block_size + 1,
+        "dtype": TOKEN_DTYPE.name,
+        "columns": {"tokens": f"fixed_size_list<{TOKEN_DTYPE.name}>[{block_size + 1}]", "row": "int64"},
+        **request,
+        "split_method": method,
+        "files": n_files,
+        "documents": docs.count,
+        "tokens": int(docs.n_tokens.sum()),
+        "dropped_tokens": sum(s["dropped_tokens"] for s in splits.values()),
+        "splits": splits,
+    }
+
+
+def print_summary(out: Path, manifest: dict[str, Any], seconds: float) -> None:
+    """What was prepared, and how fast (Ray start-up excluded)."""
+    print(
+        f"prepared {out}: {manifest['documents']:,} documents from {manifest['files']:,} files, "
+        f"{manifest['tokens']:,} tokens in {seconds:.1f} s ({manifest['tokens'] / seconds:,.0f} tokens/s)"
+    )
+    for split, s in manifest["splits"].items():
+        print(
+            f"  {split:5s} {s['documents']:,} documents, {s['tokens']:,} tokens, "
+            f"{s['rows']:,} rows of {manifest['row_length']} tokens in {len(s['shards'])} shard(s)"
+        )
+    print(f"  dropped {manifest['dropped_tokens']:,} trailing tokens that fill no row "
+          f"(split by {manifest['split_method']})")
