@@ -35,7 +35,8 @@ def init_nccl() -> None:
     dist.init_process_group("nccl", rank=0, world_size=1)
 
 
-def run_case(precision: str, compile_model: bool, micro_batch: int, steps: int, warmup: int, ddp: bool) -> dict:
+def run_case(precision: str, compile_model: bool, micro_batch: int, steps: int, warmup: int, ddp: bool,
+             compile_mode: str | None = None) -> dict:
     device = torch.device("cuda")
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -47,7 +48,7 @@ def run_case(precision: str, compile_model: bool, micro_batch: int, steps: int, 
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     wrapped = DistributedDataParallel(model, device_ids=[0]) if ddp else model
     if compile_model:
-        wrapped = torch.compile(wrapped)
+        wrapped = torch.compile(wrapped, mode=compile_mode)
     torch.cuda.reset_peak_memory_stats()
     data = torch.randint(0, 50257, (steps + warmup, micro_batch, 513), device=device)
     losses = []
@@ -66,6 +67,7 @@ def run_case(precision: str, compile_model: bool, micro_batch: int, steps: int, 
         "compile": compile_model,
         "ddp_nccl": ddp,
         "micro_batch": micro_batch,
+        "compile_mode": compile_mode,
         "tokens_per_s": tokens_per_s,
         "flops_per_token": fpt,
         "peak_flops": peak,
@@ -84,21 +86,21 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--micro-batch", type=int, default=32)
+    parser.add_argument(
+        "--cases",
+        default="bf16:compile:ddp:32,bf16:eager:ddp:32,fp16:compile:ddp:32,fp32:compile:ddp:32",
+        help="comma-separated precision:compile|eager|autotune:ddp|single:micro_batch",
+    )
     args = parser.parse_args()
     init_nccl()
-    cases = [
-        ("bf16", True, True),
-        ("bf16", False, True),
-        ("fp16", True, True),
-        ("fp32", True, True),
-    ]
     results = []
-    for precision, compile_model, ddp in cases:
+    for case in args.cases.split(","):
+        precision, mode, wrap, micro = case.split(":")
         try:
-            results.append(run_case(precision, compile_model, args.micro_batch, args.steps, 10, ddp))
+            results.append(run_case(precision, mode != "eager", int(micro), args.steps, 10, wrap == "ddp",
+                                    "max-autotune-no-cudagraphs" if mode == "autotune" else None))
         except Exception as e:  # record, keep measuring the others
-            results.append({"precision": precision, "compile": compile_model, "error": repr(e)})
+            results.append({"case": case, "error": repr(e)})
             print(results[-1], flush=True)
     report = {
         "date": datetime.now(timezone.utc).isoformat(),
