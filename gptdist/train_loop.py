@@ -144,6 +144,7 @@ def write_checkpoint(folder: Path, model, optimizer, scaler, state: LoopState, c
         "model": model_meta(cfg.model.to_gpt_config()),
         "dataset_manifest_sha256": loop_config["dataset"]["manifest_sha256"],
         "data_path": loop_config["dataset"]["path"],
+        "mlflow_run_id": loop_config.get("mlflow_run_id"),
         "config": cfg.to_dict(),
     }
     save_checkpoint(folder, clean_state_dict(model), train_state, meta)

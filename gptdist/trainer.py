@@ -8,6 +8,7 @@ start-up.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -58,14 +59,27 @@ def connect_ray(cfg: Config, force_local: bool = False, include_dashboard: bool 
         # One more logical CPU than cores leaves Ray Data a slot beside the
         # training workers; without it Ray Data can stall.
         num_cpus = cfg.ray.local_num_cpus or (os.cpu_count() or 1) + 1
+        env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        dashboard_port = None
+        if include_dashboard:
+            # The state API finds the dashboard through RAY_API_SERVER_ADDRESS, else
+            # through the machine's latest Ray: another one when several run here.
+            dashboard_port = free_port()
+            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
+                 dashboard_port=dashboard_port, runtime_env={"env_vars": env})
         return True
     try:
         ray.init(address=None if address == "auto" else address)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConnectionError(f"cannot connect to Ray at ray.address={address!r}: {e}") from None
     return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def use_gpu(cfg: Config) -> bool:
@@ -193,6 +207,7 @@ def train_main(cfg: Config, force_local: bool = False, extra_loop_config: dict |
         print(f"run {cfg.train.run_name}: {params['derived.num_params'] / 1e6:.2f}M parameters, "
               f"{cfg.ray.num_workers} worker(s), data {dataset.path}"
               + (f", resuming MLflow run {run_id}" if resumed else ""))
+        extra_loop_config["mlflow_run_id"] = run_id
         trainer = build_trainer(cfg, dataset, coordinator, extra_loop_config, callbacks)
         try:
             result = trainer.fit()
