@@ -58,8 +58,9 @@ class ShardCache:
     """Row lookup by global index; keeps the few most recent shards in memory
     (an epoch visits one shard after another, so two suffice)."""
 
-    def __init__(self, shards: list[Shard], keep: int = 3):
+    def __init__(self, shards: list[Shard], keep: int = 3, vocab_size: int | None = None):
         self.shards = shards
+        self.vocab_size = vocab_size
         self.starts = np.array([s.first_row for s in shards], dtype=np.int64)
         self.keep = keep
         self._loaded: dict[int, np.ndarray] = {}
@@ -70,6 +71,12 @@ class ShardCache:
             column = table.column("tokens").combine_chunks()
             width = column.type.list_size
             tokens = column.values.to_numpy(zero_copy_only=False).reshape(-1, width)
+            if self.vocab_size is not None and tokens.size and int(tokens.max()) >= self.vocab_size:
+                # An embedding lookup would fail deep inside the model; say where instead.
+                raise ValueError(
+                    f"{self.shards[i].path} holds token id {int(tokens.max())}, outside the model's "
+                    f"vocabulary of {self.vocab_size} (model.vocab_size)"
+                )
             if len(self._loaded) >= self.keep:
                 self._loaded.pop(next(iter(self._loaded)))
             self._loaded[i] = tokens
@@ -84,8 +91,9 @@ class ShardCache:
 class TrainStream:
     """Batches for one rank, starting at any optimizer step."""
 
-    def __init__(self, shards: list[Shard], *, seed: int, global_batch: int, micro_batch: int, rank: int, world_size: int):
-        self.cache = ShardCache(shards)
+    def __init__(self, shards: list[Shard], *, seed: int, global_batch: int, micro_batch: int, rank: int,
+                 world_size: int, vocab_size: int | None = None):
+        self.cache = ShardCache(shards, vocab_size=vocab_size)
         self.shards = shards
         self.seed = seed
         self.global_batch = global_batch
@@ -124,11 +132,12 @@ class TrainStream:
             yield mine, torch.from_numpy(self.cache.rows(mine).astype(np.int64))
 
 
-def eval_batches(shards: list[Shard], *, num_batches: int, micro_batch: int, rank: int, world_size: int):
+def eval_batches(shards: list[Shard], *, num_batches: int, micro_batch: int, rank: int, world_size: int,
+                 vocab_size: int | None = None):
     """The same fixed validation rows for every evaluation (rows 0.. of the
     split, wrapping round a small split), dealt round-robin to ranks, so
     losses are comparable across evals and across runs."""
-    cache = ShardCache(shards)
+    cache = ShardCache(shards, vocab_size=vocab_size)
     total = sum(s.rows for s in shards)
     for k in range(num_batches):
         start = (k * world_size + rank) * micro_batch

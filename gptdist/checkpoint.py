@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -57,9 +57,11 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor],
     train_state: dict[str, Any] | None,
     meta: dict[str, Any],
+    before_meta: Callable[[], None] | None = None,
 ) -> Path:
     """Write a checkpoint into `folder` (created). meta.json goes last and
-    is renamed into place, so a crash leaves a folder `load` rejects."""
+    is renamed into place, so a crash leaves a folder `load` rejects.
+    `before_meta` runs between the two (fault-injection tests)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(model_state, folder / MODEL_FILE)
@@ -67,6 +69,8 @@ def save_checkpoint(
     if train_state is not None:
         torch.save(train_state, folder / STATE_FILE)
         files[STATE_FILE] = _sha256(folder / STATE_FILE)
+    if before_meta is not None:
+        before_meta()
     meta = {**meta, "format_version": FORMAT_VERSION, "files": files}
     tmp = folder / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))

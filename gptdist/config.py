@@ -84,12 +84,12 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     run_name: str | None = None  # None: gpt-L<l>H<h>E<e>-<date-time>
-    max_steps: int = 200
+    max_steps: int = 60
     global_batch_size: int = 8  # sequences per optimizer step, all workers
     micro_batch_size: int = 8  # sequences per forward pass on one worker
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
-    warmup_steps: int = 20
+    warmup_steps: int = 10
     lr_decay_steps: int | None = None  # None: max_steps
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -97,10 +97,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
-    eval_interval: int = 50
+    eval_interval: int = 20
     eval_batches: int = 8
     log_interval: int = 10
-    checkpoint_interval: int = 50
+    checkpoint_interval: int = 20
     num_to_keep: int = 2
     seed: int = 1337
     cpu_threads: int | None = None  # None: the worker's CPU share

@@ -48,6 +48,11 @@ def artifact_root(tracking: TrackingConfig) -> str:
 
 log = logging.getLogger("gptdist.tracking")
 
+# MLflow's HTTP client retries a dead server with exponential backoff for
+# minutes by default; a training run should notice in seconds and go on.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
 RUN_NAME_TAG = "gptdist.run_name"
 RUN_KIND_TAG = "gptdist.run_kind"
 PARENT_TAG = "mlflow.parentRunId"
@@ -191,6 +196,7 @@ class MlflowCoordinator(ray.train.UserCallback):
         self.log_checkpoints = log_checkpoints
         self.dropped = 0
         self._client = None
+        self._down_until = 0.0
 
     @property
     def client(self) -> MlflowClient:
@@ -207,6 +213,9 @@ class MlflowCoordinator(ray.train.UserCallback):
             for key, value in report.items()
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
         ]
+        if time.time() < self._down_until:
+            self.dropped += 1
+            return
         try:
             self.client.log_batch(self.run_id, metrics=values)
             if "sample" in report:
@@ -218,7 +227,9 @@ class MlflowCoordinator(ray.train.UserCallback):
                 self.client.set_tag(self.run_id, "gptdist.dropped_metric_batches", str(self.dropped))
         except Exception as e:  # the server is down: never stop training for it
             self.dropped += 1
-            log.warning("MLflow logging failed at step %d (%s); dropped this report", step, e)
+            self._down_until = time.time() + self.RETRY_AFTER_S
+            log.warning("MLflow logging failed at step %d (%s); dropping reports for %.0f s",
+                        step, e, self.RETRY_AFTER_S)
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         rank, error = next(iter(sorted(worker_exceptions.items())))

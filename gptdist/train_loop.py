@@ -12,7 +12,6 @@ the coordinator on the driver side logs what they report.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -42,15 +41,18 @@ from gptdist.config import Config, config_from_dict, gradient_accumulation_steps
 from gptdist.metrics import mfu, peak_flops
 from gptdist.model import GPT
 from gptdist.tokenizer import decode, encode
+from gptdist.fault_injection import (
+    append_audit,
+    maybe_die_while_checkpointing,
+    maybe_inject_fault,
+    poison_loss_from,
+    write_pid,
+)
 from gptdist.train_step import autocast_context, build_optimizer, learning_rate, optimizer_step, resolve_precision
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class InjectedFault(RuntimeError):
-    """Raised by `train.fail_at_step` to test recovery."""
 
 
 @dataclass
@@ -119,7 +121,8 @@ def evaluate(model, shards: list[Shard], cfg: Config, rank: int, world: int, dev
     model.eval()
     losses = []
     for tokens in eval_batches(shards, num_batches=cfg.train.eval_batches,
-                               micro_batch=cfg.train.micro_batch_size, rank=rank, world_size=world):
+                               micro_batch=cfg.train.micro_batch_size, rank=rank, world_size=world,
+                               vocab_size=cfg.model.vocab_size):
         tokens = tokens.to(device, non_blocking=True)
         with autocast_context(precision, device):
             _, loss, _ = model(tokens[:, :-1], targets=tokens[:, 1:])
@@ -147,7 +150,9 @@ def write_checkpoint(folder: Path, model, optimizer, scaler, state: LoopState, c
         "mlflow_run_id": loop_config.get("mlflow_run_id"),
         "config": cfg.to_dict(),
     }
-    save_checkpoint(folder, clean_state_dict(model), train_state, meta)
+    hooks = loop_config.get("test_hooks", {})
+    save_checkpoint(folder, clean_state_dict(model), train_state, meta,
+                    before_meta=lambda: maybe_die_while_checkpointing(hooks, state.step, loop_config["fault_marker_dir"]))
 
 
 def restore(model, optimizer, scaler, cfg: Config, loop_config: dict) -> LoopState:
@@ -176,32 +181,6 @@ def restore(model, optimizer, scaler, cfg: Config, loop_config: dict) -> LoopSta
                      nonfinite_steps=train_state["nonfinite_steps"])
 
 
-def maybe_inject_fault(step: int, cfg: Config, marker_dir: str) -> None:
-    """Fail once at train.fail_at_step; a marker file in the run's storage
-    makes the retried attempt go past it."""
-    if cfg.train.fail_at_step is None or step != cfg.train.fail_at_step:
-        return
-    marker = Path(marker_dir) / f"fault-injected-step-{step}"
-    if marker.exists():
-        return
-    if dist.is_initialized():
-        dist.barrier()  # every rank has checked the marker before it appears
-    if ray.train.get_context().get_world_rank() == 0:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-    raise InjectedFault(f"injected fault at step {step} (train.fail_at_step)")
-
-
-def append_audit(audit_dir: str | None, step: int, rank: int, rows: list[int]) -> None:
-    """Row audit for tests: which rows each rank trained at each step."""
-    if not audit_dir:
-        return
-    path = Path(audit_dir) / f"rank{rank}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps({"step": step, "rank": rank, "rows": rows}) + "\n")
-
-
 # --- the loop ------------------------------------------------------------------
 
 
@@ -211,6 +190,7 @@ def train_worker(loop_config: dict) -> dict:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = set_cpu_threads(cfg)
+    write_pid(loop_config.get("pid_dir"), rank)
     device = ray.train.torch.get_device()
     precision = resolve_precision(cfg.train.precision, device)
     accumulation = gradient_accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, world)
@@ -221,6 +201,8 @@ def train_worker(loop_config: dict) -> dict:
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
     state = restore(model, optimizer, scaler, cfg, loop_config)
     raw_model = model
+    current_step = [state.step]
+    poison_loss_from(raw_model, loop_config.get("test_hooks", {}), current_step)
     model = ray.train.torch.prepare_model(model)  # DDP when world > 1
     if cfg.train.compile:
         model = torch.compile(model)
@@ -229,7 +211,8 @@ def train_worker(loop_config: dict) -> dict:
     train_shards = [Shard(Path(p), f, n) for p, f, n in data["train_shards"]]
     val_shards = [Shard(Path(p), f, n) for p, f, n in data["val_shards"]]
     stream = TrainStream(train_shards, seed=cfg.data.seed, global_batch=cfg.train.global_batch_size,
-                         micro_batch=cfg.train.micro_batch_size, rank=rank, world_size=world)
+                         micro_batch=cfg.train.micro_batch_size, rank=rank, world_size=world,
+                         vocab_size=cfg.model.vocab_size)
     fpt = raw_model.flops_per_token()
     peak = peak_flops(device, precision, cfg.train.cpu_peak_flops) * world
     tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
@@ -241,6 +224,7 @@ def train_worker(loop_config: dict) -> dict:
     first_step_at, reported_once = None, False
     while state.step < cfg.train.max_steps:
         maybe_inject_fault(state.step, cfg, loop_config["fault_marker_dir"])
+        current_step[0] = state.step
         lr = learning_rate(state.step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr

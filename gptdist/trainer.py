@@ -238,15 +238,25 @@ def finish_training(cfg: Config, result, client, run_id) -> dict[str, Any]:
         "param_digests": returned.get("param_digests"),
     }
     if client is not None:
-        if result.checkpoint and cfg.tracking.log_checkpoints != "none":
-            with result.checkpoint.as_directory() as folder:
-                client.log_artifacts(run_id, folder, "model")
-        with tempfile.TemporaryDirectory() as tmp:
-            png = tracking.plot_loss_curve(client, run_id, Path(tmp) / "loss_curve.png")
-            if png:
-                client.log_artifact(run_id, str(png))
-        tracking.finish_run(client, run_id)
+        try:
+            log_final_artifacts(cfg, result, client, run_id)
+        except Exception as e:  # the server went away mid-run: the model is safe on disk
+            print(f"warning: could not finish MLflow run {run_id} ({e}); "
+                  f"the final checkpoint is at {checkpoint_dir}")
     return summary
+
+
+def log_final_artifacts(cfg: Config, result, client, run_id: str) -> None:
+    """The final model (loadable with `--from runs:/<id>`), the loss curve,
+    and the run's FINISHED status."""
+    if result.checkpoint and cfg.tracking.log_checkpoints != "none":
+        with result.checkpoint.as_directory() as folder:
+            client.log_artifacts(run_id, folder, "model")
+    with tempfile.TemporaryDirectory() as tmp:
+        png = tracking.plot_loss_curve(client, run_id, Path(tmp) / "loss_curve.png")
+        if png:
+            client.log_artifact(run_id, str(png))
+    tracking.finish_run(client, run_id)
 
 
 def print_summary(cfg: Config, summary: dict[str, Any]) -> None:

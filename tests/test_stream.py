@@ -63,3 +63,12 @@ def test_eval_batches_are_fixed_and_split_across_ranks(tmp_path):
     r0 = [b[:, 0].tolist() for b in eval_batches(shards, num_batches=2, micro_batch=2, rank=0, world_size=2)]
     r1 = [b[:, 0].tolist() for b in eval_batches(shards, num_batches=2, micro_batch=2, rank=1, world_size=2)]
     assert r0 == [[0, 1], [4, 5]] and r1 == [[2, 3], [0, 1]]
+
+
+def test_token_ids_outside_the_vocabulary_are_named(tmp_path):
+    import pytest
+
+    shards = write_shards(tmp_path, [4])  # token value = row index
+    s = TrainStream(shards, seed=0, global_batch=4, micro_batch=4, rank=0, world_size=1, vocab_size=3)
+    with pytest.raises(ValueError, match=r"shard-00000\.parquet holds token id 3, outside the model's vocabulary of 3"):
+        next(s.micro_batches(0))

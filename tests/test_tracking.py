@@ -2,92 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
-from gptdist.config import load_config
 from gptdist.runs import format_table, run_rows
 from gptdist.tracking import TrackingUnavailableError
 from gptdist.trainer import train_main
 
-BLOCK = 64
+from conftest import BLOCK, free_port, tiny_config
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real tracking server process, stopped at the end of the module."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-    yield uri
-    os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=4, include_dashboard=False, address="local")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory, ray_local) -> Path:
-    from data_pipeline.prepare import prepare_dataset
-    from data_pipeline.sources import shakespeare_files
-
-    corpus = tmp_path_factory.mktemp("corpus")
-    paragraphs = shakespeare_files()[1].read_text()[:40_000].split("\n\n")
-    for i in range(12):
-        (corpus / f"doc{i:02d}.txt").write_text("\n\n".join(paragraphs[i::12]))
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    prepare_dataset([str(corpus)], out, block_size=BLOCK, val_fraction=0.1)
-    return out
-
-
 def config(tmp: Path, data: Path, uri: str, name: str, *extra: str):
-    return load_config(overrides=[
-        "model.preset=nano", f"model.block_size={BLOCK}", f"data.path={data}",
-        "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=4",
-        "train.log_interval=1", "train.eval_interval=2", "train.eval_batches=1", "train.checkpoint_interval=2",
-        "train.sample_tokens=8", f"train.run_name={name}", "train.learning_rate=0.003", "train.warmup_steps=1",
-        f"ray.storage_path={tmp / 'ray'}", f"tracking.uri={uri}", f"tracking.runs_dir={tmp}",
-        "tracking.experiment=tracking-test", *extra,
-    ])
+    return tiny_config(tmp, data, name, "train.max_steps=4", "train.eval_interval=2", "train.eval_batches=1",
+                       "train.checkpoint_interval=2", "tracking.experiment=tracking-test", *extra, uri=uri)
 
 
 @pytest.fixture(scope="module")

@@ -6,51 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
 from data_pipeline.manifest import DatasetError
 from gptdist.checkpoint import load_model_state
-from gptdist.config import ConfigError, load_config
+from gptdist.config import ConfigError
 from gptdist.trainer import train_main
 
-BLOCK = 64
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=4, include_dashboard=False, address="local")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory, ray_local) -> Path:
-    """About 60 rows of 64+1 tokens: one epoch is a handful of steps."""
-    from data_pipeline.prepare import prepare_dataset
-    from data_pipeline.sources import shakespeare_files
-
-    text = shakespeare_files()[0].read_text()[:40_000]
-    corpus = tmp_path_factory.mktemp("corpus")
-    paragraphs = text.split("\n\n")
-    for i in range(12):
-        (corpus / f"doc{i:02d}.txt").write_text("\n\n".join(paragraphs[i::12]))
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    prepare_dataset([str(corpus)], out, block_size=BLOCK, val_fraction=0.1)
-    return out
-
-
-def make_config(tmp: Path, data: Path, name: str, *extra: str):
-    return load_config(overrides=[
-        "model.preset=nano", f"model.block_size={BLOCK}", f"data.path={data}",
-        "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=6",
-        "train.learning_rate=0.003", "train.warmup_steps=1", "train.log_interval=1",
-        "train.eval_interval=3", "train.eval_batches=2", "train.checkpoint_interval=3",
-        "train.sample_tokens=8", f"train.run_name={name}",
-        f"ray.storage_path={tmp / 'ray'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-        f"tracking.runs_dir={tmp}", *extra,
-    ])
+from conftest import tiny_config as make_config
 
 
 def final_params(summary) -> dict[str, torch.Tensor]:
