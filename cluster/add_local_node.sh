@@ -25,7 +25,7 @@ export PATH="$BIN_DIR:$PATH"
 
 n=1
 while [[ -e $STATE_DIR/node-$n.pgid ]]; do n=$((n + 1)); done
-agent_port="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+agent_port="$(free_port)"
 node_args=(start --address "$GPTDIST_RAY_GCS_ADDRESS"
     --node-ip-address 127.0.0.1
     --num-cpus "${GPTDIST_NODE_NUM_CPUS:-1}"

@@ -15,9 +15,8 @@
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$HERE/.." && pwd)"
 
-STATE_DIR=${GPTDIST_CLUSTER_DIR:-$REPO_ROOT/runs/cluster}
-mkdir -p "$STATE_DIR/logs"
-STATE_DIR="$(cd "$STATE_DIR" && pwd)"
+# Absolute, without creating it: only the start scripts do that.
+STATE_DIR="$(realpath -m "${GPTDIST_CLUSTER_DIR:-$REPO_ROOT/runs/cluster}")"
 
 if [[ -n ${GPTDIST_PYTHON:-} ]]; then
     PY=$GPTDIST_PYTHON
@@ -64,6 +63,11 @@ with socket.socket() as s:
     s.settimeout(1)
     sys.exit(1 if s.connect_ex((host, int(sys.argv[2]))) == 0 else 0)
 EOF
+}
+
+# A port nothing listens on now, from the kernel's ephemeral range.
+free_port() {
+    "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 # The host to connect to for a server bound to $1.

@@ -14,7 +14,7 @@
 #   GPTDIST_RAY_PORT            GCS port (default: 6379)
 #   GPTDIST_DASHBOARD_PORT      dashboard and Jobs API port (default: 8265)
 #   GPTDIST_RAY_CLIENT_PORT     Ray Client port (default: 10001)
-#   GPTDIST_DASHBOARD_AGENT_PORT  the node agent's HTTP port (default: 52365)
+#   GPTDIST_DASHBOARD_AGENT_PORT  the node agent's HTTP port (default: a free port)
 #   GPTDIST_RAY_NUM_CPUS        logical CPUs of the head (default: cores + 1, so that Ray Data
 #                               keeps a slot beside the training workers)
 #   GPTDIST_RAY_NUM_GPUS        GPUs of the head (default: detected)
@@ -31,11 +31,14 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
+mkdir -p "$STATE_DIR/logs"
 RAY_HOST=${GPTDIST_RAY_HOST:-127.0.0.1}
 RAY_PORT=${GPTDIST_RAY_PORT:-6379}
 DASHBOARD_PORT=${GPTDIST_DASHBOARD_PORT:-8265}
 CLIENT_PORT=${GPTDIST_RAY_CLIENT_PORT:-10001}
-AGENT_PORT=${GPTDIST_DASHBOARD_AGENT_PORT:-52365}
+# The node agent's port is internal, and Ray's default (52365) is taken by
+# any other Ray on the machine, `ray.init()` included: a free one by default.
+AGENT_PORT=${GPTDIST_DASHBOARD_AGENT_PORT:-$(free_port)}
 NUM_CPUS=${GPTDIST_RAY_NUM_CPUS:-$(($(nproc) + 1))}
 AUTH=${GPTDIST_RAY_AUTH:-token}
 DASHBOARD_URL="http://$(url_host "$RAY_HOST"):$DASHBOARD_PORT"

@@ -22,6 +22,7 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
+mkdir -p "$STATE_DIR/logs"
 MLFLOW_HOST=${GPTDIST_MLFLOW_HOST:-127.0.0.1}
 MLFLOW_PORT=${GPTDIST_MLFLOW_PORT:-5000}
 BACKEND_URI=${GPTDIST_MLFLOW_BACKEND_URI:-sqlite:///$STATE_DIR/mlflow.db}
