@@ -77,7 +77,7 @@ def _from_local_path(path: Path) -> ResolvedCheckpoint:
     if (path / META_FILE).is_file():
         meta = read_meta(path)
         return ResolvedCheckpoint(path, meta.get("mlflow_run_id"), f"checkpoint folder {path}")
-    if path.is_dir() and any(path.glob("checkpoint_*")):
+    if path.is_dir() and checkpoint_folders(path):
         folder = latest_ray_checkpoint(path)
         return ResolvedCheckpoint(folder, read_meta(folder).get("mlflow_run_id"), f"Ray run {path}")
     raise CheckpointError(
@@ -86,11 +86,17 @@ def _from_local_path(path: Path) -> ResolvedCheckpoint:
     )
 
 
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """Ray Train's `checkpoint_*` folders of a run, in name order (the
+    run folder also holds `checkpoint_manager_snapshot.json`)."""
+    return sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
+
+
 def latest_ray_checkpoint(run_dir: Path) -> Path:
     """The complete `checkpoint_*` folder with the highest step. Folders
     without a readable meta.json (a write cut short) are skipped."""
     candidates = []
-    for folder in sorted(run_dir.glob("checkpoint_*")):
+    for folder in checkpoint_folders(run_dir):
         try:
             meta = read_meta(folder)
         except CheckpointError:

@@ -155,9 +155,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from gptdist.config import ConfigError
     from gptdist.tokenizer import TokenizerFileError
     from gptdist.tracking import TrackingUnavailableError
+    from gptdist.trainer import StorageError
 
     return (ConfigError, DatasetError, CheckpointError, TokenizerFileError, TrackingUnavailableError,
-            ConnectionError, FileNotFoundError)
+            StorageError, ConnectionError, FileNotFoundError)
 
 
 def run(func: Callable, args) -> int:

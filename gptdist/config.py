@@ -103,7 +103,7 @@ class TrainConfig:
     checkpoint_interval: int = 20
     num_to_keep: int = 2
     seed: int = 1337
-    cpu_threads: int | None = None  # None: the worker's CPU share
+    cpu_threads: int | None = None  # None: this node's cores shared among its workers
     cpu_peak_flops: float | None = None  # None: measured by a matmul probe
     max_nonfinite_steps: int = 5
     sample_tokens: int = 64

@@ -190,6 +190,8 @@ class MlflowCoordinator(ray.train.UserCallback):
     number dropped is tagged on the run when the server is back.
     """
 
+    RETRY_AFTER_S = 30.0  # after a failure, drop reports without trying for this long
+
     def __init__(self, tracking_uri: str, run_id: str, log_checkpoints: str):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
@@ -205,7 +207,18 @@ class MlflowCoordinator(ray.train.UserCallback):
         return self._client
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        report = metrics[0]
+        # An exception here would fail the training run: log or drop, never raise.
+        try:
+            self._log_report(metrics[0], checkpoint)
+        except Exception as e:
+            self.dropped += 1
+            self._down_until = time.time() + self.RETRY_AFTER_S
+            log.warning("MLflow logging failed (%s); dropping reports for %.0f s", e, self.RETRY_AFTER_S)
+
+    def _log_report(self, report: dict[str, Any], checkpoint) -> None:
+        if time.time() < self._down_until:
+            self.dropped += 1
+            return
         step = int(report["step"])
         now = int(time.time() * 1000)
         values = [
@@ -213,28 +226,19 @@ class MlflowCoordinator(ray.train.UserCallback):
             for key, value in report.items()
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
         ]
-        if time.time() < self._down_until:
-            self.dropped += 1
-            return
-        try:
-            self.client.log_batch(self.run_id, metrics=values)
-            if "sample" in report:
-                self.client.log_text(self.run_id, report["sample"], f"samples/step_{step:08d}.txt")
-            if checkpoint is not None and self.log_checkpoints == "all":
-                with checkpoint.as_directory() as folder:
-                    self.client.log_artifacts(self.run_id, folder, f"checkpoints/step_{step:08d}")
-            if self.dropped:
-                self.client.set_tag(self.run_id, "gptdist.dropped_metric_batches", str(self.dropped))
-        except Exception as e:  # the server is down: never stop training for it
-            self.dropped += 1
-            self._down_until = time.time() + self.RETRY_AFTER_S
-            log.warning("MLflow logging failed at step %d (%s); dropping reports for %.0f s",
-                        step, e, self.RETRY_AFTER_S)
+        self.client.log_batch(self.run_id, metrics=values)
+        if "sample" in report:
+            self.client.log_text(self.run_id, report["sample"], f"samples/step_{step:08d}.txt")
+        if checkpoint is not None and self.log_checkpoints == "all":
+            with checkpoint.as_directory() as folder:
+                self.client.log_artifacts(self.run_id, folder, f"checkpoints/step_{step:08d}")
+        if self.dropped:
+            self.client.set_tag(self.run_id, "gptdist.dropped_metric_batches", str(self.dropped))
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        rank, error = next(iter(sorted(worker_exceptions.items())))
+        text = "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
+                         for rank, error in sorted(worker_exceptions.items()))
         try:
-            self.client.set_tag(self.run_id, "gptdist.last_worker_error",
-                                f"rank {rank}: {type(error).__name__}: {error}"[:5000])
+            self.client.set_tag(self.run_id, "gptdist.last_worker_error", text[:5000])
         except Exception as e:
             log.warning("could not record a worker failure in MLflow: %s", e)

@@ -8,6 +8,7 @@ start-up.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -25,8 +26,9 @@ from ray.train.torch import TorchTrainer
 from data_pipeline.manifest import manifest_hash, read_manifest, verify_split
 from data_pipeline.prepare import ensure_dataset
 from gptdist import tracking
-from gptdist.checkpoint import read_meta
-from gptdist.config import Config, flatten
+from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint
+from gptdist.checkpoint import check_shape, load_model_state, read_meta
+from gptdist.config import Config, ConfigError, flatten
 from gptdist.model import GPT
 from gptdist.train_loop import train_worker
 
@@ -69,6 +71,7 @@ def connect_ray(cfg: Config, force_local: bool = False, include_dashboard: bool 
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
                  dashboard_port=dashboard_port, runtime_env={"env_vars": env})
         return True
+    check_address_reachable(address)
     try:
         ray.init(address=None if address == "auto" else address)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -80,6 +83,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_address_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """ray.init retries an unreachable GCS for minutes; a TCP probe says
+    the same in seconds. Only for explicit host:port addresses."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"cannot connect to Ray at ray.address={address!r}: {e}") from None
 
 
 def use_gpu(cfg: Config) -> bool:
@@ -122,6 +140,52 @@ def open_dataset(cfg: Config) -> DatasetInfo:
     block size (prepared first when it is the embedded default and absent)."""
     path = ensure_dataset(cfg)
     return DatasetInfo(Path(path).resolve(), read_manifest(path), manifest_hash(path))
+
+
+class StorageError(OSError):
+    pass
+
+
+def check_storage(cfg: Config, num_params: int) -> None:
+    """A runs folder that cannot take a checkpoint fails now, not after the
+    first hour of training. Estimate: weights + AdamW moments in fp32."""
+    path = storage_path(cfg)
+    if "://" in path:
+        return  # remote storage: Ray reports its own errors
+    needed = num_params * 4 * 3 * 2  # one checkpoint being written beside the latest kept
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+        free = shutil.disk_usage(path).free
+    except OSError as e:
+        raise StorageError(f"ray.storage_path={path} is not writable: {e}") from None
+    if free < needed:
+        raise StorageError(
+            f"ray.storage_path={path} has {free / 2**20:.1f} MiB free; checkpoints of this model "
+            f"need about {needed / 2**20:.1f} MiB"
+        )
+
+
+def check_resume_compatible(cfg: Config, dataset: DatasetInfo) -> None:
+    """When the run name already has checkpoints, they must be this model's
+    shape, global batch and dataset: checked before any worker starts."""
+    path = storage_path(cfg)
+    run_dir = Path(path) / cfg.train.run_name
+    if "://" in path or not checkpoint_folders(run_dir):
+        return
+    latest = latest_ray_checkpoint(run_dir)
+    load_model_state(latest)  # verifies the sha256 of the weights
+    meta = read_meta(latest)
+    check_shape(cfg.model.to_gpt_config(), meta, str(latest))
+    if meta["global_batch_size"] != cfg.train.global_batch_size:
+        raise ConfigError(
+            f"run {cfg.train.run_name} was trained with train.global_batch_size={meta['global_batch_size']}; "
+            f"resuming with {cfg.train.global_batch_size} would change which rows each step trains"
+        )
+    if meta["dataset_manifest_sha256"] != dataset.manifest_sha256:
+        raise ConfigError(f"run {cfg.train.run_name} was trained on another dataset than {dataset.path}")
 
 
 def run_params(cfg: Config, model_params: int, flops_per_token: int) -> dict[str, Any]:
@@ -195,6 +259,8 @@ def train_main(cfg: Config, force_local: bool = False, extra_loop_config: dict |
         dataset = open_dataset(cfg)
         model = GPT(cfg.model.to_gpt_config())
         params = run_params(cfg, model.num_params(), model.flops_per_token())
+        check_storage(cfg, model.num_params())
+        check_resume_compatible(cfg, dataset)
         del model
         client, run_id, resumed = open_tracking(cfg, params, kind, parent_run_id)
         if client is not None:
