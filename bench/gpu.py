@@ -60,6 +60,7 @@ def run_case(precision: str, compile_model: bool, micro_batch: int, steps: int, 
         losses.append(loss)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    profile = profile_steps(wrapped, optimizer, scaler, data[:3], precision, device) if PROFILE else None
     tokens_per_s = steps * micro_batch * 512 / elapsed
     peak = gpu_peak_flops(torch.cuda.get_device_name(0), precision)
     result = {
@@ -75,6 +76,7 @@ def run_case(precision: str, compile_model: bool, micro_batch: int, steps: int, 
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "first_loss": float(losses[0]),
         "last_loss": float(losses[-1]),
+        "profile_top_kernels": profile,
     }
     del model, wrapped, optimizer, data
     torch.cuda.empty_cache()
@@ -82,7 +84,24 @@ def run_case(precision: str, compile_model: bool, micro_batch: int, steps: int, 
     return result
 
 
+PROFILE = False
+
+
+def profile_steps(model, optimizer, scaler, batches, precision, device) -> list[dict]:
+    """Where the GPU time of a step goes: the top kernels by CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for batch in batches:
+            optimizer_step(model, optimizer, scaler, [batch], 1, precision, device, 1.0, is_ddp=False)
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events) or 1
+    return [{"kernel": e.key[:90], "share": e.device_time_total / total, "calls": e.count} for e in events[:15]]
+
+
 def main() -> None:
+    global PROFILE
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=30)
@@ -91,7 +110,9 @@ def main() -> None:
         default="bf16:compile:ddp:32,bf16:eager:ddp:32,fp16:compile:ddp:32,fp32:compile:ddp:32",
         help="comma-separated precision:compile|eager|autotune:ddp|single:micro_batch",
     )
+    parser.add_argument("--profile", action="store_true", help="add the top kernels of each case")
     args = parser.parse_args()
+    PROFILE = args.profile
     init_nccl()
     results = []
     for case in args.cases.split(","):
