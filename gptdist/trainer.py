@@ -44,14 +44,15 @@ def storage_path(cfg: Config) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def connect_ray(cfg: Config, force_local: bool = False, include_dashboard: bool = False) -> bool:
+def connect_ray(cfg: Config, force_local: bool = False, include_dashboard: bool = True) -> bool:
     """Start or join Ray; returns True when this call started it.
 
     `local` starts Ray in-process, unless the process runs inside a Ray job
     (RAY_ADDRESS is set and --local was not given): then it joins the
     cluster it was submitted to, so the same command works under
-    `ray job submit`. A local Ray gets the dashboard only when asked: Tune
-    needs its state API to clean up the placement groups of stopped trials."""
+    `ray job submit`. A local Ray gets a dashboard (on 127.0.0.1) unless
+    asked not to: Ray Train's and Tune's placement-group cleanup use its
+    state API."""
     if ray.is_initialized():
         return False
     address = cfg.ray.address
