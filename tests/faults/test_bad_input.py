@@ -1,0 +1,113 @@
+"""Bad input: a clear error naming what is wrong, and nothing lost or
+half-written. (Config typos, data-pipeline inputs and checkpoint files have
+their own tests; tests/faults/README.md maps each case to its test.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import tiny_config
+from data_pipeline.manifest import DatasetError
+from gptdist.checkpoint import CheckpointError
+from gptdist.checkpoint_source import checkpoint_folders
+from gptdist.config import ConfigError
+from gptdist.trainer import StorageError, connect_ray, train_main
+
+
+def test_unreachable_ray_address_is_named():
+    cfg = tiny_config(Path("/tmp"), Path("/tmp"), "x", "ray.address=127.0.0.1:9")
+    with pytest.raises(ConnectionError, match=r"ray\.address='127\.0\.0\.1:9'"):
+        connect_ray(cfg)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_dataset):
+    tmp = tmp_path_factory.mktemp("finished")
+    cfg = tiny_config(tmp, tiny_dataset, "finished", "train.max_steps=2", "train.checkpoint_interval=2",
+                      "train.eval_interval=2")
+    return tmp, train_main(cfg)
+
+
+def test_resume_with_another_model_shape_fails_before_workers(finished_run, tiny_dataset):
+    tmp, _ = finished_run
+    cfg = tiny_config(tmp, tiny_dataset, "finished", "model.preset=micro", "train.max_steps=4")
+    with pytest.raises(CheckpointError, match=r"another model shape \(n_layer: checkpoint 2 vs model 4"):
+        train_main(cfg)
+
+
+def test_resume_with_another_global_batch_is_refused(finished_run, tiny_dataset):
+    tmp, _ = finished_run
+    cfg = tiny_config(tmp, tiny_dataset, "finished", "train.global_batch_size=4", "train.max_steps=4")
+    with pytest.raises(ConfigError, match=r"trained with train\.global_batch_size=8; resuming with 4"):
+        train_main(cfg)
+
+
+def test_tampered_checkpoint_is_refused(finished_run, tiny_dataset, tmp_path):
+    tmp, summary = finished_run
+    copy = tmp_path / "ray" / "finished"
+    shutil.copytree(tmp / "ray" / "finished", copy)
+    latest = checkpoint_folders(copy)[-1]
+    with open(latest / "model.pt", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    cfg = tiny_config(tmp_path, tiny_dataset, "finished", "train.max_steps=4")
+    with pytest.raises(CheckpointError, match=r"model\.pt has sha256 .* the file was altered"):
+        train_main(cfg)
+
+
+def test_dataset_from_another_tokenizer_is_refused(tiny_dataset, tmp_path):
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_dataset, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["tokenizer"]["vocab_hashes"] = {k: "0" * 64 for k in manifest["tokenizer"]["vocab_hashes"]}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    cfg = tiny_config(tmp_path, other, "other")
+    with pytest.raises(DatasetError, match="tokeni"):
+        train_main(cfg)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 1 MiB filesystem standing in for a full disk."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs to simulate a full disk: {done.stderr.decode()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_full_disk_on_the_runs_folder_fails_before_training(tiny_dataset, tmp_path, tiny_tmpfs):
+    cfg = tiny_config(tmp_path, tiny_dataset, "full-disk", f"ray.storage_path={tiny_tmpfs}")
+    with pytest.raises(StorageError, match=r"ray\.storage_path=.*full has .* MiB free; checkpoints of this model need"):
+        train_main(cfg)
+    assert os.listdir(tiny_tmpfs) == []  # nothing half-written
+
+
+def test_read_only_runs_folder_is_named(tiny_dataset, tmp_path, tiny_tmpfs):
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_tmpfs)], check=True)
+    cfg = tiny_config(tmp_path, tiny_dataset, "read-only", f"ray.storage_path={tiny_tmpfs}/ray")
+    with pytest.raises(StorageError, match=r"ray\.storage_path=.*full/ray is not writable"):
+        train_main(cfg)
+
+
+def test_no_secrets_reach_mlflow(tiny_dataset, tmp_path, monkeypatch):
+    """Params are the config, tags are versions and hashes: nothing from
+    the environment."""
+    secret = "s3cr3t-VALUE-must-not-leak"
+    for name in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN", "RAY_AUTH_TOKEN_X"):
+        monkeypatch.setenv(name, secret)
+    cfg = tiny_config(tmp_path, tiny_dataset, "secrets", "train.max_steps=1", "train.eval_interval=1",
+                      "train.checkpoint_interval=1")
+    summary = train_main(cfg)
+    run = MlflowClient(cfg.tracking.uri).get_run(summary["mlflow_run_id"])
+    everything = json.dumps({**run.data.params, **run.data.tags})
+    assert secret not in everything

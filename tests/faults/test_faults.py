@@ -1,0 +1,180 @@
+"""Faults injected on purpose into real runs: real Ray Train workers, real
+processes killed with SIGKILL, a real MLflow server stopped mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import free_port, start_mlflow_server, stop_process_group, tiny_config
+from gptdist.checkpoint import load_model_state, read_meta
+from gptdist.checkpoint_source import checkpoint_folders
+from gptdist.trainer import train_main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def audited_rows(audit_dir: Path) -> dict[int, list[int]]:
+    by_step: dict[int, dict[int, list[int]]] = {}
+    for path in sorted(audit_dir.glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            by_step.setdefault(rec["step"], {})[rec["rank"]] = rec["rows"]
+    return {step: sorted(r for rows in ranks.values() for r in rows) for step, ranks in by_step.items()}
+
+
+def wait_for(predicate, timeout_s: float = 300, what: str = "condition"):
+    deadline = time.time() + timeout_s
+    while not predicate():
+        if time.time() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_dataset):
+    """The uninterrupted 2-worker run the faulty ones must reproduce."""
+    tmp = tmp_path_factory.mktemp("reference")
+    summary = train_main(tiny_config(tmp, tiny_dataset, "reference", "ray.num_workers=2",
+                                     "train.checkpoint_interval=2"),
+                         extra_loop_config={"audit_dir": str(tmp / "audit")})
+    return tmp, summary
+
+
+def assert_same_params(a: dict, b: dict) -> None:
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+
+
+def test_sigkill_a_worker_mid_run(tmp_path, tiny_dataset, reference):
+    ref_tmp, ref = reference
+    cfg = tiny_config(tmp_path, tiny_dataset, "killed-worker", "ray.num_workers=2", "ray.max_failures=2",
+                      "train.checkpoint_interval=2")
+    pids, audit = tmp_path / "pids", tmp_path / "audit"
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(train_main(
+        cfg, extra_loop_config={"audit_dir": str(audit), "pid_dir": str(pids)})))
+    thread.start()
+    # Kill rank 1 once step 3 has been trained (the latest checkpoint is step 2).
+    wait_for(lambda: len(audited_rows(audit)) >= 3, what="three trained steps")
+    killed = int((pids / "rank1.pid").read_text())
+    os.kill(killed, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert result["step"] == 6
+    assert int((pids / "rank1.pid").read_text()) != killed  # a new worker process took over
+    assert_same_params(load_model_state(ref["checkpoint"])[0], load_model_state(result["checkpoint"])[0])
+    rows = audited_rows(audit)
+    assert rows == audited_rows(ref_tmp / "audit")
+    every = [r for step_rows in rows.values() for r in step_rows]
+    assert len(every) == len(set(every))  # no row of the epoch trained twice, none skipped
+    client = MlflowClient(cfg.tracking.uri)
+    runs = client.search_runs([client.get_experiment_by_name("gptdist").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")})
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert "rank 1" in runs[0].data.tags["gptdist.last_worker_error"]
+
+
+def test_sigkill_while_writing_a_checkpoint(tmp_path, tiny_dataset, reference):
+    """Rank 0 dies between model.pt and meta.json of the step-4 checkpoint:
+    that checkpoint never registers; the run resumes from step 2."""
+    ref_tmp, ref = reference
+    cfg = tiny_config(tmp_path, tiny_dataset, "killed-checkpoint", "ray.num_workers=2", "ray.max_failures=1",
+                      "train.checkpoint_interval=2")
+    summary = train_main(cfg, extra_loop_config={"audit_dir": str(tmp_path / "audit"),
+                                                 "test_hooks": {"kill_while_checkpointing_step": 4}})
+    assert summary["step"] == 6
+    assert (tmp_path / "ray" / "killed-checkpoint" / "killed-ckpt-4").exists()  # the kill happened
+    assert_same_params(load_model_state(ref["checkpoint"])[0], load_model_state(summary["checkpoint"])[0])
+    assert audited_rows(tmp_path / "audit") == audited_rows(ref_tmp / "audit")
+    for folder in checkpoint_folders(tmp_path / "ray" / "killed-checkpoint"):
+        read_meta(folder)  # every checkpoint left in storage is complete
+
+
+def test_kill_the_driver_and_start_again(tmp_path, tiny_dataset):
+    """SIGKILL `gptdist train` mid-run; the same command resumes from the
+    latest checkpoint into the same MLflow run."""
+    args = [sys.executable, "-m", "gptdist.cli", "train", "--local"]
+    for kv in ["model.preset=nano", "model.block_size=64", f"data.path={tiny_dataset}",
+               "train.global_batch_size=8", "train.micro_batch_size=8", "train.max_steps=12",
+               "train.log_interval=1", "train.eval_interval=6", "train.eval_batches=1",
+               "train.checkpoint_interval=2", "train.sample_tokens=0", "train.run_name=driver-killed",
+               f"ray.storage_path={tmp_path / 'ray'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+               f"tracking.runs_dir={tmp_path}", "ray.local_num_cpus=2"]:
+        args += ["--set", kv]
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)  # a local run, not a job
+    first = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True,
+                             stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
+    run_dir = tmp_path / "ray" / "driver-killed"
+    wait_for(lambda: any((p / "meta.json").exists() for p in checkpoint_folders(run_dir)),
+             timeout_s=400, what="a first checkpoint")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming MLflow run" in second.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("gptdist").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")})
+    assert steps == list(range(1, 13))
+    latest = checkpoint_folders(run_dir)[-1]
+    assert read_meta(latest)["step"] == 12
+
+
+def test_mlflow_server_dies_mid_run(tmp_path, tiny_dataset):
+    """Training goes on when the tracking server goes away; what was logged
+    before is still there when the server comes back."""
+    port = free_port()
+    root = tmp_path / "server"
+    root.mkdir()
+    server = start_mlflow_server(root, port)
+    uri = f"http://127.0.0.1:{port}"
+    audit = tmp_path / "audit"
+    cfg = tiny_config(tmp_path, tiny_dataset, "server-dies", "ray.num_workers=1", uri=uri)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(train_main(cfg, extra_loop_config={"audit_dir": str(audit)})))
+    thread.start()
+    try:
+        wait_for(lambda: len(audited_rows(audit)) >= 2, what="two trained steps")
+        stop_process_group(server)
+        thread.join(timeout=600)
+        assert result["step"] == 6 and Path(result["checkpoint"]).is_dir()
+    finally:
+        server = start_mlflow_server(root, port)
+    try:
+        client = MlflowClient(uri)
+        run = client.get_run(result["mlflow_run_id"])
+        assert run.data.params["train.run_name"] == "server-dies"
+        assert client.get_metric_history(run.info.run_id, "train/loss")  # the early history survived
+    finally:
+        stop_process_group(server)
+
+
+def test_non_finite_loss_stops_with_a_checkpoint(tmp_path, tiny_dataset):
+    from ray.train import TrainingFailedError
+
+    cfg = tiny_config(tmp_path, tiny_dataset, "nan", "ray.num_workers=1", "train.max_nonfinite_steps=2",
+                      "train.checkpoint_interval=2")
+    with pytest.raises(TrainingFailedError) as failure:
+        train_main(cfg, extra_loop_config={"test_hooks": {"nan_loss_from_step": 3}})
+    assert "2 steps in a row had a non-finite loss" in str(failure.value)
+    checkpoints = checkpoint_folders(tmp_path / "ray" / "nan")
+    meta = read_meta(checkpoints[-1])
+    assert meta["step"] == 5  # steps 4 and 5 were skipped, the weights are step 3's
+    state, _ = load_model_state(checkpoints[-1])
+    assert all(torch.isfinite(t).all() for t in state.values())
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.search_runs([client.get_experiment_by_name("gptdist").experiment_id])[0]
+    assert run.info.status == "FAILED" and "non-finite" in run.data.tags["gptdist.error"]
