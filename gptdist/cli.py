@@ -47,8 +47,8 @@ def cmd_train(args) -> int:
 def cmd_tune(args) -> int:
     from gptdist.tune import tune_main
 
-    tune_main(_load(args), resume=args.resume)
-    return 0
+    result = tune_main(_load(args), resume=args.resume)
+    return 130 if result.get("interrupted") else 0  # 130: stopped by Ctrl-C
 
 
 def cmd_sample(args) -> int:
