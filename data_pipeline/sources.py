@@ -31,6 +31,8 @@ Guarantees:
   is not a string column, is an error naming the file and its columns.
 - Empty documents are skipped: they would contribute only an end-of-text
   token. Null Parquet values count as empty.
+- A JSON escape of a lone UTF-16 surrogate ("\\ud800") becomes U+FFFD, as
+  tiktoken would encode it; documents are always valid Unicode text.
 """
 
 from __future__ import annotations
@@ -261,7 +263,18 @@ def _jsonl_text(line: bytes, column: str, where: str) -> str:
     text = record[column]
     if not isinstance(text, str):
         raise SourceError(f"{where}: field {column!r} is {type(text).__name__}, not a string")
-    return text
+    return without_lone_surrogates(text)
+
+
+def without_lone_surrogates(text: str) -> str:
+    """JSON can escape half a UTF-16 surrogate pair ("\\ud800"), which no
+    UTF-8 text can hold; replace such halves with U+FFFD, the repair
+    tiktoken's encode_ordinary applies."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def _parquet_documents(path: str, column: str) -> Iterator[tuple[int, str]]:

@@ -31,7 +31,7 @@ from data_pipeline.packing import (
 )
 from data_pipeline.prepare import ensure_dataset, prepare_dataset, text_hash
 from data_pipeline.reader import open_split
-from data_pipeline.sources import SourceError, shakespeare_files
+from data_pipeline.sources import SourceError, shakespeare_files, without_lone_surrogates
 from gptdist import cli
 from gptdist.config import load_config
 from gptdist.tokenizer import EOT_TOKEN, get_tokenizer, vocab_hashes
@@ -62,10 +62,13 @@ def write_jsonl(path: Path, docs: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
     """Two JSONL files (one gzipped) and two plays: 80 documents of mixed
-    length, so rows straddle documents and several shards are needed."""
+    length, so rows straddle documents and several shards are needed.
+    `texts` are the documents as read (a lone surrogate repaired)."""
     root = tmp_path_factory.mktemp("corpus")
     docs_a, docs_b = random_docs(50, seed=1), random_docs(28, seed=2)
+    docs_a[7] += " half a pair: \ud800 <|endoftext|>"  # JSON-escaped lone surrogate; special-token text
     write_jsonl(root / "a.jsonl", docs_a)
+    docs_a[7] = without_lone_surrogates(docs_a[7])
     with gzip.open(root / "b.jsonl.gz", "wt") as f:
         f.write("".join(json.dumps({"text": d}) + "\n\n" for d in docs_b))  # blank lines skipped
     plays = [str(p) for p in shakespeare_files()[:2]]
