@@ -7,7 +7,9 @@ Pipeline:
    tiktoken's ordinary GPT-2 encoding per document. Each document
    becomes its key, a hash of its text, its token count and its tokens
    followed by EOT. The result stays in Ray's object store (spilled to disk
-   past its memory); it is never gathered in one process.
+   past its memory); it is never gathered in one process. The work is split
+   by file: one huge JSONL file is read and tokenized by one worker, so
+   split a large corpus into several files.
 3. Plan (driver): only the per-document counts and hashes come back. The
    split, a prefix sum of the counts (each document's stream offset), the
    rows and the shards follow from those alone (see `packing`).
@@ -24,9 +26,13 @@ Guarantees:
 - The shards are byte-identical for the same sources and settings whatever
   the number of Ray workers, blocks or shards in flight: row contents
   depend only on the document order (by key) and the per-document counts.
-- An interrupted run leaves at most a `DIR.tmp-<pid>` folder, which is never
-  taken for a dataset; DIR is either absent, the previous dataset, or the
-  new complete one.
+- An interrupted run leaves at most a `DIR.tmp-<pid>` folder (or, killed
+  between the two renames of an overwrite, a `DIR.old-<pid>`), which is
+  never taken for a dataset; DIR is either absent, the previous dataset, or
+  the new complete one.
+- Ray workers read the source files and write the shards themselves, so on
+  a multi-node cluster both must be on storage every node sees (NFS); the
+  paths are local filesystem paths, not s3:// URIs.
 - Preparing into a folder that already holds this same dataset is a no-op
   unless `overwrite`. A folder holding a dataset made with other settings,
   or a damaged one, is replaced only with `overwrite`. A folder holding
