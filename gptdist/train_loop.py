@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import resource
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -294,8 +296,12 @@ def train_worker(loop_config: dict) -> dict:
             if rank == 0 and cfg.train.sample_tokens > 0:
                 metrics["sample"] = training_sample(raw_model, cfg, device)
         if rank == 0:
-            print(f"step {state.step:>6} | loss {train_loss:.4f} | val {last_val:.4f} | lr {lr:.2e} "
-                  f"| {tokens_per_s:,.0f} tok/s | mfu {metrics['mfu']:.1%} | threads {threads}", flush=True)
+            # Not print(): Ray Train patches it into a logger whose handlers
+            # show each line twice on the driver.
+            val = f"{last_val:.4f}" if math.isfinite(last_val) else "-"
+            sys.stdout.write(f"step {state.step:>6} | loss {train_loss:.4f} | val {val} | lr {lr:.2e} "
+                             f"| {tokens_per_s:,.0f} tok/s | mfu {metrics['mfu']:.1%} | threads {threads}\n")
+            sys.stdout.flush()
         report(metrics, do_ckpt, rank, raw_model, optimizer, scaler, state, cfg, stream, loop_config)
         loss_sum.zero_()
         reported_once = True

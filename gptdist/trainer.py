@@ -20,7 +20,7 @@ from typing import Any
 import ray
 import ray.train
 from mlflow.tracking import MlflowClient
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from data_pipeline.manifest import manifest_hash, read_manifest, verify_split
@@ -219,6 +219,9 @@ def build_trainer(cfg: Config, dataset: DatasetInfo, coordinator, extra_loop_con
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             callbacks=[c for c in [coordinator, *(callbacks or [])] if c is not None],
+            # Ray Train's INFO lines repeat every report (samples included);
+            # the workers print their own one-line progress.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 
