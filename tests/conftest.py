@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import ray
 
-BLOCK = 64  # small blocks: a test epoch is a handful of steps
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from support import BLOCK, free_port, start_mlflow_server, stop_process_group
 
 
 @pytest.fixture(scope="module")
@@ -46,34 +34,6 @@ def tiny_dataset(tmp_path_factory, ray_local) -> Path:
     return out
 
 
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts")],
-        env=env, stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-
-
-def stop_process_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, 15)
-    except ProcessLookupError:
-        return
-    proc.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` process on 127.0.0.1, stopped afterwards."""
@@ -82,19 +42,3 @@ def mlflow_server(tmp_path_factory):
     proc = start_mlflow_server(root, port)
     yield f"http://127.0.0.1:{port}"
     stop_process_group(proc)
-
-
-def tiny_config(tmp: Path, data: Path, name: str, *extra: str, uri: str | None = None):
-    """A nano-model run on the tiny dataset, all state under `tmp`."""
-    from gptdist.config import load_config
-
-    uri = uri or f"sqlite:///{tmp / 'mlflow.db'}"
-    return load_config(overrides=[
-        "model.preset=nano", f"model.block_size={BLOCK}", f"data.path={data}",
-        "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=6",
-        "train.learning_rate=0.003", "train.warmup_steps=1", "train.log_interval=1",
-        "train.eval_interval=3", "train.eval_batches=2", "train.checkpoint_interval=3",
-        "train.sample_tokens=8", f"train.run_name={name}",
-        f"ray.storage_path={tmp / 'ray'}", f"tracking.uri={uri}",
-        f"tracking.runs_dir={tmp}", *extra,
-    ])

@@ -13,7 +13,7 @@ from gptdist.runs import format_table, run_rows
 from gptdist.tracking import TrackingUnavailableError
 from gptdist.trainer import train_main
 
-from conftest import BLOCK, free_port, tiny_config
+from support import BLOCK, free_port, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 

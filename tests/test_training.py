@@ -14,7 +14,7 @@ from gptdist.checkpoint import load_model_state
 from gptdist.config import ConfigError
 from gptdist.trainer import train_main
 
-from conftest import tiny_config as make_config
+from support import tiny_config as make_config
 
 
 def final_params(summary) -> dict[str, torch.Tensor]:

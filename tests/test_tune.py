@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from conftest import BLOCK, tiny_config
+from support import BLOCK, tiny_config
 from mlflow.tracking import MlflowClient
 
 from gptdist import tracking

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_config
+from support import tiny_config
 from data_pipeline.manifest import DatasetError
 from gptdist.checkpoint import CheckpointError
 from gptdist.checkpoint_source import checkpoint_folders

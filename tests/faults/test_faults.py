@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, start_mlflow_server, stop_process_group, tiny_config
+from support import free_port, start_mlflow_server, stop_process_group, tiny_config
 from gptdist.checkpoint import load_model_state, read_meta
 from gptdist.checkpoint_source import checkpoint_folders
 from gptdist.trainer import train_main
