@@ -47,8 +47,7 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
         try:
             fp32 = train_speed.gptdist_run(name, steps + 3, data, "train.precision=fp32")
             bf16 = train_speed.gptdist_run(name, steps + 3, data, "train.precision=bf16")
-            bf16c = None if quick else train_speed.gptdist_run(name, steps + 6, data, "train.precision=bf16",
-                                                                "train.compile=true")
+            bf16c = train_speed.gptdist_run(name, steps + 6, data, "train.precision=bf16", "train.compile=true")
             two_workers = train_speed.gptdist_run(name, steps + 3, data, "ray.num_workers=2", "train.cpu_threads=1",
                                                   "train.micro_batch_size=4", "train.precision=fp32")
         finally:

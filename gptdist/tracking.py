@@ -84,7 +84,10 @@ def get_or_create_experiment(client: MlflowClient, tracking: TrackingConfig, uri
     # A SQLite store would otherwise put artifacts under the working
     # directory (a Ray session folder on workers); a server chooses its own.
     location = artifact_root(tracking) + f"/{name}" if uri.startswith("sqlite:") else None
-    return client.create_experiment(name, artifact_location=location)
+    # MLflow 3's UI opens an experiment on its GenAI overview unless told
+    # the experiment is model training: then on the runs table.
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def environment_tags() -> dict[str, str]:

@@ -101,7 +101,8 @@ def test_mlflow_ui_lists_runs_in_headless_chromium(server_run, mlflow_server):
     experiment = client.get_experiment_by_name("tracking-test")
     artifacts = REPO / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
-    url = f"{mlflow_server}/#/experiments/{experiment.experiment_id}"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    url = f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs"
     common = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
               f"--user-data-dir={artifacts / 'chromium-profile'}", "--virtual-time-budget=20000",
