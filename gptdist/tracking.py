@@ -230,6 +230,8 @@ class MlflowCoordinator(ray.train.UserCallback):
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
         ]
         self.client.log_batch(self.run_id, metrics=values)
+        for key, value in report.get("run_tags", {}).items():  # what only a worker knows
+            self.client.set_tag(self.run_id, key, value)
         if "sample" in report:
             self.client.log_text(self.run_id, report["sample"], f"samples/step_{step:08d}.txt")
         if checkpoint is not None and self.log_checkpoints == "all":

@@ -287,6 +287,8 @@ def train_worker(loop_config: dict) -> dict:
         }
         if first_step_at is not None:  # the first report of this attempt
             metrics["time_to_first_step_s"] = first_step_at - loop_config["driver_start_time"]
+            metrics["run_tags"] = {"gptdist.precision": precision, "gptdist.device": str(device),
+                                   "gptdist.world_size": str(world), "gptdist.cpu_threads": str(threads)}
             first_step_at = None
         if device.type == "cuda":
             metrics["device_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

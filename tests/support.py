@@ -59,7 +59,7 @@ def tiny_config(tmp: Path, data: Path, name: str, *extra: str, uri: str | None =
         "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=6",
         "train.learning_rate=0.003", "train.warmup_steps=1", "train.log_interval=1",
         "train.eval_interval=3", "train.eval_batches=2", "train.checkpoint_interval=3",
-        "train.sample_tokens=8", f"train.run_name={name}",
+        "train.sample_tokens=8", f"train.run_name={name}", "train.precision=fp32",
         f"ray.storage_path={tmp / 'ray'}", f"tracking.uri={uri}",
         f"tracking.runs_dir={tmp}", *extra,
     ])

@@ -42,6 +42,7 @@ def test_two_worker_run_is_fully_logged(server_run, mlflow_server):
     tags = run.data.tags
     assert tags["gptdist.run_kind"] == "train"
     assert tags["gptdist.device_type"] == "cpu"
+    assert tags["gptdist.precision"] == "fp32" and tags["gptdist.world_size"] == "2"
     assert len(tags["gptdist.dataset_manifest_sha256"]) == 64
     assert {"gptdist.torch_version", "gptdist.ray_version", "gptdist.mlflow_version"} <= set(tags)
     for key in ("train/loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_ms", "tokens_seen"):
