@@ -45,6 +45,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gptdist.digest import sha256_file
 from gptdist.tokenizer import TOKENIZER_NAME, vocab_hashes
 
 MANIFEST_NAME = "manifest.json"
@@ -62,14 +63,6 @@ class DatasetError(ValueError):
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_manifest(data_dir: Path, manifest: dict[str, Any]) -> None:

@@ -15,7 +15,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -24,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from gptdist.digest import sha256_file
 from gptdist.model import GPT, GPTConfig
 
 MODEL_FILE = "model.pt"
@@ -34,14 +34,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def clean_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -65,10 +57,10 @@ def save_checkpoint(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(model_state, folder / MODEL_FILE)
-    files = {MODEL_FILE: _sha256(folder / MODEL_FILE)}
+    files = {MODEL_FILE: sha256_file(folder / MODEL_FILE)}
     if train_state is not None:
         torch.save(train_state, folder / STATE_FILE)
-        files[STATE_FILE] = _sha256(folder / STATE_FILE)
+        files[STATE_FILE] = sha256_file(folder / STATE_FILE)
     if before_meta is not None:
         before_meta()
     meta = {**meta, "format_version": FORMAT_VERSION, "files": files}
@@ -103,7 +95,7 @@ def _load_verified(folder: Path, name: str, meta: dict[str, Any]) -> Any:
     expected = meta["files"].get(name)
     if expected is None or not path.is_file():
         raise CheckpointError(f"checkpoint {folder} has no {name}")
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise CheckpointError(
             f"{path} has sha256 {actual} but {META_FILE} records {expected}: "

@@ -10,13 +10,14 @@ error rather than silently different token ids.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 from pathlib import Path
 
 import tiktoken
 import tiktoken.load
 from tiktoken_ext.openai_public import r50k_pat_str  # gpt2's split pattern; importing it downloads nothing
+
+from gptdist.digest import sha256_file
 
 TOKENIZER_NAME = "gpt2"
 EOT_TOKEN = 50256
@@ -45,14 +46,10 @@ def bundled_vocab_files() -> tuple[Path, Path]:
     return data / "vocab.bpe", data / "encoder.json"
 
 
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _check_hash(path: Path, expected: str) -> None:
     if not path.is_file():
         raise TokenizerFileError(f"tokenizer file {path} is missing")
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise TokenizerFileError(
             f"tokenizer file {path} has sha256 {actual}, expected {expected}: "

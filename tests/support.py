@@ -4,6 +4,7 @@ import these without clashing with tests/e2e/conftest.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -63,3 +64,14 @@ def tiny_config(tmp: Path, data: Path, name: str, *extra: str, uri: str | None =
         f"ray.storage_path={tmp / 'ray'}", f"tracking.uri={uri}",
         f"tracking.runs_dir={tmp}", *extra,
     ])
+
+
+def audited_rows(audit_dir: Path) -> dict[int, list[int]]:
+    """Rows trained at each step; a step retried after a failure keeps the
+    rows of its last attempt (the earlier attempt's update was rolled back)."""
+    by_step: dict[int, dict[int, list[int]]] = {}
+    for path in sorted(audit_dir.glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            by_step.setdefault(rec["step"], {})[rec["rank"]] = rec["rows"]
+    return {step: sorted(r for rows in ranks.values() for r in rows) for step, ranks in by_step.items()}

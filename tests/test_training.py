@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from gptdist.checkpoint import load_model_state
 from gptdist.config import ConfigError
 from gptdist.trainer import train_main
 
-from support import tiny_config as make_config
+from support import audited_rows, tiny_config as make_config
 
 
 def final_params(summary) -> dict[str, torch.Tensor]:
@@ -26,17 +25,6 @@ def loss_history(tmp: Path, run_id: str) -> dict[int, float]:
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     history = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.timestamp)
     return {m.step: m.value for m in history}
-
-
-def audited_rows(audit_dir: Path) -> dict[int, list[int]]:
-    """Rows trained at each step; a step retried after a failure keeps the
-    rows of its last attempt (the earlier attempt's update was rolled back)."""
-    by_step: dict[int, dict[int, list[int]]] = {}
-    for path in sorted(audit_dir.glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            by_step.setdefault(rec["step"], {})[rec["rank"]] = rec["rows"]
-    return {step: sorted(r for rows in ranks.values() for r in rows) for step, ranks in by_step.items()}
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ processes killed with SIGKILL, a real MLflow server stopped mid-run."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,21 +15,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from support import free_port, start_mlflow_server, stop_process_group, tiny_config
+from support import audited_rows, free_port, start_mlflow_server, stop_process_group, tiny_config
 from gptdist.checkpoint import load_model_state, read_meta
 from gptdist.checkpoint_source import checkpoint_folders
 from gptdist.trainer import train_main
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def audited_rows(audit_dir: Path) -> dict[int, list[int]]:
-    by_step: dict[int, dict[int, list[int]]] = {}
-    for path in sorted(audit_dir.glob("rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            by_step.setdefault(rec["step"], {})[rec["rank"]] = rec["rows"]
-    return {step: sorted(r for rows in ranks.values() for r in rows) for step, ranks in by_step.items()}
 
 
 def wait_for(predicate, timeout_s: float = 300, what: str = "condition"):
