@@ -26,8 +26,8 @@ from ray.train.torch import TorchTrainer
 from data_pipeline.manifest import manifest_hash, read_manifest, verify_split
 from data_pipeline.prepare import ensure_dataset
 from gptdist import tracking
-from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint
 from gptdist.checkpoint import check_shape, load_model_state, read_meta
+from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint
 from gptdist.config import Config, ConfigError, flatten
 from gptdist.model import GPT
 from gptdist.train_loop import train_worker
