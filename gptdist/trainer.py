@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from data_pipeline.manifest import manifest_hash, read_manifest, verify_split
+from data_pipeline.manifest import manifest_hash, read_manifest
 from data_pipeline.prepare import ensure_dataset
 from gptdist import tracking
 from gptdist.checkpoint import check_shape, load_model_state, read_meta
@@ -128,9 +128,9 @@ class DatasetInfo:
 
     def to_loop_config(self) -> dict[str, Any]:
         def shards(split: str):
-            return [[str(p), s["first_row"], s["rows"]]
-                    for p, s in zip(verify_split(self.path, split, checksums=False),
-                                    self.manifest["splits"][split]["shards"])]
+            # ensure_dataset has already verified every shard against the manifest.
+            return [[str(self.path / split / s["file"]), s["first_row"], s["rows"]]
+                    for s in self.manifest["splits"][split]["shards"]]
 
         return {"path": str(self.path), "manifest_sha256": self.manifest_sha256,
                 "train_shards": shards("train"), "val_shards": shards("val")}
