@@ -36,13 +36,13 @@ def init_nccl() -> None:
 
 
 def run_case(precision: str, compile_model: bool, micro_batch: int, steps: int, warmup: int, ddp: bool,
-             compile_mode: str | None = None) -> dict:
+             compile_mode: str | None = None, chunked_loss: bool = False) -> dict:
     device = torch.device("cuda")
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     cfg = load_config(overrides=["model.preset=gpt2", "model.block_size=512", "model.dropout=0.0"])
-    model = GPT(preset("gpt2", block_size=512)).to(device)
+    model = GPT(preset("gpt2", block_size=512), chunked_loss=chunked_loss).to(device)
     fpt = model.flops_per_token()
     optimizer = build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -69,6 +69,7 @@ def run_case(precision: str, compile_model: bool, micro_batch: int, steps: int, 
         "ddp_nccl": ddp,
         "micro_batch": micro_batch,
         "compile_mode": compile_mode,
+        "chunked_loss": chunked_loss,
         "tokens_per_s": tokens_per_s,
         "flops_per_token": fpt,
         "peak_flops": peak,
@@ -108,7 +109,7 @@ def main() -> None:
     parser.add_argument(
         "--cases",
         default="bf16:compile:ddp:32,bf16:eager:ddp:32,fp16:compile:ddp:32,fp32:compile:ddp:32",
-        help="comma-separated precision:compile|eager|autotune:ddp|single:micro_batch",
+        help="comma-separated precision:compile|eager|autotune:ddp|single:micro_batch[:chunked]",
     )
     parser.add_argument("--profile", action="store_true", help="add the top kernels of each case")
     args = parser.parse_args()
@@ -116,10 +117,11 @@ def main() -> None:
     init_nccl()
     results = []
     for case in args.cases.split(","):
-        precision, mode, wrap, micro = case.split(":")
+        precision, mode, wrap, micro, *loss = case.split(":")
         try:
             results.append(run_case(precision, mode != "eager", int(micro), args.steps, 10, wrap == "ddp",
-                                    "max-autotune-no-cudagraphs" if mode == "autotune" else None))
+                                    "max-autotune-no-cudagraphs" if mode == "autotune" else None,
+                                    chunked_loss=loss == ["chunked"]))
         except Exception as e:  # record, keep measuring the others
             results.append({"case": case, "error": repr(e)})
             print(results[-1], flush=True)

@@ -29,13 +29,15 @@ def matmul_peaks(threads: int) -> dict[str, float]:
 
 def plain_loop(preset_name: str, steps: int, warmup: int, precision: str = "fp32", compile_model: bool = False,
                threads: int | None = None) -> dict:
-    """Single process, no Ray: model, AdamW, the same optimizer step."""
+    """Single process, no Ray, as nanoGPT trains on a CPU: the plain head and
+    F.cross_entropy, AdamW's for-loop kernel (nanoGPT fuses it on CUDA only),
+    the same optimizer step."""
     torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(0)
     cfg = load_config(overrides=[f"model.preset={preset_name}"])
     model = GPT(preset(preset_name, block_size=BLOCK))
     fpt = model.flops_per_token()
-    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"), fused=False)
     step_model = torch.compile(model) if compile_model else model
     data = torch.randint(0, 50257, (warmup + steps, BATCH, BLOCK + 1))
     times, losses = [], []

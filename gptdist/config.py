@@ -97,6 +97,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
+    chunked_loss: bool | None = None  # None: on for CPU workers, off on GPUs
     eval_interval: int = 20
     eval_batches: int = 8
     log_interval: int = 10

@@ -74,7 +74,8 @@ def maybe_die_while_checkpointing(hooks: dict, step: int, marker_dir: str) -> No
 
 
 def poison_loss_from(model: torch.nn.Module, hooks: dict, step_ref: list[int]) -> None:
-    """Make every forward pass from a step on produce NaN logits."""
+    """Make every forward pass from a step on produce NaN hidden states at
+    the head, hence a NaN loss (whichever loss path runs)."""
     start = hooks.get("nan_loss_from_step")
     if start is None:
         return
@@ -82,4 +83,4 @@ def poison_loss_from(model: torch.nn.Module, hooks: dict, step_ref: list[int]) -
     def hook(module, inputs, output):
         return output * float("nan") if step_ref[0] >= start else output
 
-    model.lm_head.register_forward_hook(hook)
+    model.transformer.ln_f.register_forward_hook(hook)

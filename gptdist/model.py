@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from gptdist.lm_loss import linear_cross_entropy
+
 # GPT-2's vocabulary is 50257 tokens; padding to a multiple of 64 makes the
 # embedding and LM-head matmuls noticeably faster (nanoGPT measured ~25%).
 GPT2_VOCAB_SIZE = 50257
@@ -134,10 +136,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, chunked_loss: bool = False):
+        """`chunked_loss`: with targets, compute the head and the loss a chunk
+        of rows at a time (gptdist.lm_loss) and return no logits."""
         super().__init__()
         config.validate()
         self.config = config
+        self.chunked_loss = chunked_loss
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -184,7 +189,8 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
     ):
         """Returns (logits for every position, loss or None, the key/value
-        cache extended by these positions)."""
+        cache extended by these positions). With `chunked_loss` and targets
+        the logits are never built, and None is returned in their place."""
         B, T = idx.shape
         start = 0 if not kv_cache else kv_cache[0][0].shape[2]
         if start + T > self.config.block_size:
@@ -198,6 +204,8 @@ class GPT(nn.Module):
             x, present = block(x, kv_cache[i] if kv_cache else None)
             new_cache.append(present)
         x = self.transformer.ln_f(x)
+        if targets is not None and self.chunked_loss:
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets), new_cache
         logits = self.lm_head(x)
         loss = None
         if targets is not None:

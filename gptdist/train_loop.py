@@ -50,7 +50,8 @@ from gptdist.fault_injection import (
     poison_loss_from,
     write_pid,
 )
-from gptdist.train_step import autocast_context, build_optimizer, learning_rate, optimizer_step, resolve_precision
+from gptdist.train_step import (autocast_context, build_optimizer, learning_rate, optimizer_step, resolve_chunked_loss,
+                                resolve_precision)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -198,7 +199,7 @@ def train_worker(loop_config: dict) -> dict:
     accumulation = gradient_accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, world)
 
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
-    model = GPT(cfg.model.to_gpt_config()).to(device)
+    model = GPT(cfg.model.to_gpt_config(), chunked_loss=resolve_chunked_loss(cfg.train.chunked_loss, device)).to(device)
     optimizer = build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
     state = restore(model, optimizer, scaler, cfg, loop_config)
@@ -288,7 +289,8 @@ def train_worker(loop_config: dict) -> dict:
         if first_step_at is not None:  # the first report of this attempt
             metrics["time_to_first_step_s"] = first_step_at - loop_config["driver_start_time"]
             metrics["run_tags"] = {"gptdist.precision": precision, "gptdist.device": str(device),
-                                   "gptdist.world_size": str(world), "gptdist.cpu_threads": str(threads)}
+                                   "gptdist.world_size": str(world), "gptdist.cpu_threads": str(threads),
+                                   "gptdist.chunked_loss": str(raw_model.chunked_loss).lower()}
             first_step_at = None
         if device.type == "cuda":
             metrics["device_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -33,6 +33,13 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+def resolve_chunked_loss(requested: bool | None, device: torch.device) -> bool:
+    """None: the chunked head + loss on CPUs, where bench/ measured it (it
+    removes the logits' memory traffic); the plain path on GPUs until it is
+    measured there (`python -m bench.gpu --cases bf16:compile:ddp:64:chunked`)."""
+    return device.type == "cpu" if requested is None else requested
+
+
 def autocast_context(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -40,9 +47,12 @@ def autocast_context(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device,
+                    fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (nanoGPT): biases and
-    LayerNorm gains are not decayed."""
+    LayerNorm gains are not decayed. The fused kernel on CUDA and on CPU
+    (one pass over each parameter instead of a dozen elementwise ops; nanoGPT
+    uses it on CUDA only, and its CPU loop is the bench baseline)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
@@ -52,7 +62,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
         groups,
         lr=cfg.train.learning_rate,
         betas=(cfg.train.beta1, cfg.train.beta2),
-        fused=device.type == "cuda",
+        fused=device.type in ("cuda", "cpu") if fused is None else fused,
     )
 
 

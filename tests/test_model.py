@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from gptdist import lm_loss
 from gptdist.model import GPT, GPTConfig, analytic_num_params, flops_per_token, preset
 
 
@@ -78,3 +79,45 @@ def test_generate_extends_sequence(nano):
     idx = torch.zeros((1, 1), dtype=torch.long)
     out = nano.generate(idx, 5, temperature=0.0)
     assert out.shape == (1, 6) and int(out.max()) < 50257
+
+
+def twin_models(chunk_rows_total: int):
+    """The same weights twice: one with the plain head + F.cross_entropy, one
+    with the chunked head and loss (gptdist.lm_loss)."""
+    torch.manual_seed(0)
+    plain = GPT(preset("nano", block_size=chunk_rows_total))
+    chunked = GPT(preset("nano", block_size=chunk_rows_total), chunked_loss=True)
+    chunked.load_state_dict(plain.state_dict())
+    return plain, chunked
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_chunked_loss_equals_plain_loss_and_gradients(precision):
+    # 3 x 450 = 1350 rows: more than one group of GROUP_ROWS and a ragged
+    # last chunk, so the chunk and group boundaries are exercised.
+    assert 1350 > lm_loss.GROUP_ROWS and 1350 % lm_loss.CHUNK_ROWS
+    plain, chunked = twin_models(450)
+    idx = torch.randint(0, 50257, (3, 450))
+    targets = torch.randint(0, 50257, (3, 450))
+    results = []
+    for model in (plain, chunked):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits, loss, _ = model(idx, targets=targets)
+        loss.backward()
+        results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
+    (plain_logits, plain_loss, plain_grads), (chunked_logits, chunked_loss, chunked_grads) = results
+    assert plain_logits is not None and chunked_logits is None
+    loss_tol, grad_tol = (1e-5, 1e-5) if precision == "fp32" else (2e-3, 2e-2)
+    assert abs(plain_loss.item() - chunked_loss.item()) < loss_tol
+    for name, g in plain_grads.items():
+        scale = g.abs().max().item()
+        assert (g - chunked_grads[name]).abs().max().item() <= grad_tol * scale + 1e-9, name
+
+
+def test_chunked_loss_without_grad_equals_plain_loss():
+    plain, chunked = twin_models(300)
+    idx = torch.randint(0, 50257, (2, 300))
+    with torch.no_grad():
+        _, plain_loss, _ = plain(idx, targets=idx)
+        _, chunked_loss, _ = chunked(idx, targets=idx)
+    assert abs(plain_loss.item() - chunked_loss.item()) < 1e-5

@@ -1,0 +1,160 @@
+"""The LM-head cross-entropy, computed without the full logits tensor.
+
+Training needs the loss and its gradients, never the (B·T, V) logits. At
+batch 8×512 with V = 50304 those are 824 MB in fp32: the LM-head matmul
+writes them, log-softmax reads and writes them, its backward and the
+cross-entropy backward do it again, and every one of those tensors is fresh
+memory the kernel must fault in and zero. On a CPU that was a quarter of a
+`mini` training step (see bench/results), and on a GPU log-softmax alone was
+9% of a GPT-2 124M step.
+
+Here the head and the loss run a chunk of rows at a time, and the gradients
+with respect to the hidden states and the head weight are computed in the
+same pass, while the chunk's logits are still in cache: softmax minus the
+one-hot target is the gradient of the summed loss. The backward pass then
+only scales what the forward pass stored. PyTorch has no such fused op, and
+Liger-Kernel's (the same idea) is a Triton kernel that does not run on CPUs,
+hence this file. The result equals `F.cross_entropy(hidden @ weight.T, targets)`
+to float rounding (tests/test_model.py checks the loss and both gradients).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Rows per chunk: the chunk's fp32 logits are rows × V × 4 bytes (about 25 MB
+# at 128 rows), small enough to stay in cache between the passes over them
+# and below glibc's mmap threshold, so the buffer is reused rather than
+# faulted in again. The weight-gradient matmul wants more rows per chunk
+# (its output, V × C, is read and written once per chunk), so the chunk
+# gradients are gathered into groups of `GROUP_ROWS` before that matmul.
+# On a GPU each chunk costs kernel launches, so chunks there are large
+# (these sizes are not yet measured on a GPU; see train_step.resolve_chunked_loss).
+CHUNK_ROWS = 128
+GROUP_ROWS = 1024
+GPU_CHUNK_ROWS = 4096
+
+
+def chunk_sizes(device: torch.device) -> tuple[int, int]:
+    """(rows per chunk, rows per weight-gradient group) on this device."""
+    return (CHUNK_ROWS, GROUP_ROWS) if device.type == "cpu" else (GPU_CHUNK_ROWS, GPU_CHUNK_ROWS)
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would give the head matmul, else the input's."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(hidden_i · weightᵀ, targets_i), with the gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
+        n = hidden.shape[0]
+        chunk_rows, group_rows = chunk_sizes(hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            buffers = ChunkBuffers.allocate(min(chunk_rows, n), min(group_rows, n), weight.shape[0], dtype,
+                                            hidden.device)
+            x = hidden.detach().to(dtype)
+            w = weight.detach().to(dtype)
+            w_t = w.t().contiguous()  # (C, V): the forward matmul is faster on a row-major right operand
+            grad_x = torch.empty_like(x)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for g0 in range(0, n, group_rows):
+                g1 = min(g0 + group_rows, n)
+                for c0 in range(g0, g1, chunk_rows):
+                    c1 = min(c0 + chunk_rows, g1)
+                    grad_logits = buffers.group[c0 - g0 : c1 - g0]
+                    loss += chunk_loss_and_grad(x[c0:c1], w_t, targets[c0:c1], grad_logits, buffers)
+                    torch.mm(grad_logits, w, out=grad_x[c0:c1])
+                accumulate_weight_grad(grad_w, buffers.group[: g1 - g0], x[g0:g1])
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.hidden_dtype, ctx.weight_dtype, ctx.n = hidden.dtype, weight.dtype, n
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_x, grad_w = ctx.saved_tensors
+        scale = grad_output.float() / ctx.n
+        return (grad_x * scale).to(ctx.hidden_dtype), (grad_w * scale).to(ctx.weight_dtype), None, None
+
+
+@dataclass
+class ChunkBuffers:
+    """Allocated once per call and reused by every chunk, so no chunk pays
+    for fresh memory."""
+
+    group: torch.Tensor  # (group rows, V), matmul dtype: the gradient of the logits
+    logits: torch.Tensor  # (chunk rows, V), fp32
+    log_probs: torch.Tensor  # (chunk rows, V), fp32
+    minus_one: torch.Tensor  # (chunk rows, 1), matmul dtype
+
+    @classmethod
+    def allocate(cls, chunk_rows: int, group_rows: int, vocab: int, dtype: torch.dtype, device) -> ChunkBuffers:
+        fp32 = dict(dtype=torch.float32, device=device)
+        return cls(group=torch.empty((group_rows, vocab), dtype=dtype, device=device),
+                   logits=torch.empty((chunk_rows, vocab), **fp32),
+                   log_probs=torch.empty((chunk_rows, vocab), **fp32),
+                   minus_one=torch.full((chunk_rows, 1), -1.0, dtype=dtype, device=device))
+
+
+def chunk_loss_and_grad(x: torch.Tensor, w_t: torch.Tensor, targets: torch.Tensor, out: torch.Tensor,
+                        buffers: ChunkBuffers) -> torch.Tensor:
+    """Summed loss of one chunk; writes d(summed loss)/d(logits), softmax
+    minus one-hot, into `out` (in the matmul dtype).
+
+    Only PyTorch's fused softmax kernels touch the logits: `exp` of the log
+    probabilities would be simpler but measured 3x slower than a second
+    fused softmax here, and each pass over a chunk costs a sizeable share
+    of its matmuls."""
+    rows = x.shape[0]
+    if out.dtype == torch.float32:
+        logits = torch.mm(x, w_t, out=out)
+    else:
+        low_precision = torch.mm(x, w_t)
+        logits = buffers.logits[:rows].copy_(low_precision)
+    log_probs = torch.log_softmax(logits, dim=-1, out=buffers.log_probs[:rows])
+    target_log_probs = log_probs.gather(1, targets[:, None])
+    torch.softmax(logits if out.dtype == torch.float32 else low_precision, dim=-1, out=out)
+    out.scatter_add_(1, targets[:, None], buffers.minus_one[:rows])
+    return -target_log_probs.sum()
+
+
+def accumulate_weight_grad(grad_w: torch.Tensor, grad_logits: torch.Tensor, x: torch.Tensor) -> None:
+    """grad_w (fp32) += grad_logitsᵀ · x."""
+    if grad_logits.dtype == torch.float32:
+        grad_w.addmm_(grad_logits.t(), x)
+    else:
+        grad_w += torch.mm(grad_logits.t(), x)
+
+
+# torch.compile traces the rest of the model; this loop of matmuls and
+# in-place updates runs eagerly (its cost is the matmuls either way).
+@torch.compiler.disable
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `targets`.
+
+    hidden (..., C), weight (V, C), targets (...) of token ids."""
+    flat, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    dtype = compute_dtype(hidden)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(flat, weight, targets, dtype)
+    return chunked_loss_only(flat, weight, targets, dtype)
+
+
+def chunked_loss_only(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
+    """The same mean loss without gradients (evaluation)."""
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    rows, _ = chunk_sizes(hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        x, w = hidden.to(dtype), weight.to(dtype)
+        for c0 in range(0, x.shape[0], rows):
+            log_probs = torch.log_softmax((x[c0 : c0 + rows] @ w.t()).float(), dim=-1)
+            loss -= log_probs.gather(1, targets[c0 : c0 + rows, None]).sum()
+    return loss / x.shape[0]
