@@ -4,8 +4,8 @@ Training needs the loss and its gradients, never the (B·T, V) logits. At
 batch 8×512 with V = 50304 those are 824 MB in fp32: the LM-head matmul
 writes them, log-softmax reads and writes them, its backward and the
 cross-entropy backward do it again, and every one of those tensors is fresh
-memory the kernel must fault in and zero. On a CPU that was a quarter of a
-`mini` training step (see bench/results), and on a GPU log-softmax alone was
+memory the kernel must fault in and zero. On a CPU that was about a fifth
+of a `mini` training step (see bench/results), and on a GPU log-softmax alone was
 9% of a GPT-2 124M step.
 
 Here the head and the loss run a chunk of rows at a time, and the gradients

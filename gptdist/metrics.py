@@ -29,19 +29,22 @@ def gpu_peak_flops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def measure_cpu_peak_flops(precision: str, size: int = 1024, seconds: float = 0.5) -> float:
+def measure_cpu_peak_flops(precision: str, size: int = 2048, seconds: float = 0.5,
+                           shape: tuple[int, int, int] | None = None) -> float:
     """Matmul FLOP/s of this process with its current torch thread count: the
-    denominator of MFU on a CPU, where no datasheet figure applies."""
+    denominator of MFU on a CPU, where no datasheet figure applies. Square
+    `size` matrices, or an (m, k, n) `shape`."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+    m, k, n = shape or (size, size, size)
+    a = torch.randn(m, k, dtype=dtype)
+    b = torch.randn(k, n, dtype=dtype)
     for _ in range(2):
         a @ b  # warm up
-    n, start = 0, time.perf_counter()
+    count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
-        n += 1
-    return 2 * size**3 * n / (time.perf_counter() - start)
+        count += 1
+    return 2 * m * k * n * count / (time.perf_counter() - start)
 
 
 def peak_flops(device: torch.device, precision: str, configured: float | None = None) -> float:
