@@ -147,9 +147,15 @@ def split_stream_tail(n_tokens: np.ndarray, val_fraction: float, need: int) -> t
 
 
 def plan_shards(n_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
-    """(first_row, rows) of each shard: fixed-size shards, the last one
-    shorter. Depends only on the counts, never on the parallelism."""
-    return [(first, min(rows_per_shard, n_rows - first)) for first in range(0, n_rows, rows_per_shard)]
+    """(first_row, rows) of each shard: as few shards as hold at most
+    `rows_per_shard` rows each, their sizes differing by at most one row.
+    Equal shards are written in equal time by parallel tasks (a full shard
+    beside a small remainder left one core idle for most of the write).
+    Depends only on the counts, never on the parallelism."""
+    n_shards = -(-n_rows // rows_per_shard)
+    sizes = [n_rows // n_shards + (k < n_rows % n_shards) for k in range(n_shards)]
+    firsts = [sum(sizes[:k]) for k in range(n_shards)]
+    return list(zip(firsts, sizes))
 
 
 def shard_segments(

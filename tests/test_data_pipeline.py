@@ -26,6 +26,7 @@ from data_pipeline.packing import (
     CorpusTooSmallError,
     assign_splits,
     pack_into_blocks,
+    plan_shards,
     shard_segments,
     whole_documents,
 )
@@ -136,6 +137,16 @@ def test_pack_into_blocks_overlaps_by_one():
     assert rows.tolist() == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [8, 9, 10, 11, 12]]
     with pytest.raises(ValueError):
         pack_into_blocks(np.arange(14), 4)
+
+
+@pytest.mark.parametrize("n_rows", [1, 99, 100, 101, 39_861])
+def test_plan_shards_balances_sizes_and_covers_every_row(n_rows):
+    plan = plan_shards(n_rows, 100 if n_rows < 1000 else 32_704)
+    sizes = [n for _, n in plan]
+    assert sum(sizes) == n_rows and max(sizes) - min(sizes) <= 1
+    assert max(sizes) <= (100 if n_rows < 1000 else 32_704)
+    assert [first for first, _ in plan] == list(np.cumsum([0] + sizes)[:-1])
+    assert len(plan) == -(-n_rows // (100 if n_rows < 1000 else 32_704))
 
 
 def test_val_gets_smallest_hash_documents_when_empty():
