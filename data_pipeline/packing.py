@@ -25,6 +25,8 @@ error.
 
 from __future__ import annotations
 
+import itertools
+
 import math
 from dataclasses import dataclass
 
@@ -153,8 +155,10 @@ def plan_shards(n_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
     beside a small remainder left one core idle for most of the write).
     Depends only on the counts, never on the parallelism."""
     n_shards = -(-n_rows // rows_per_shard)
+    if n_shards == 0:
+        return []
     sizes = [n_rows // n_shards + (k < n_rows % n_shards) for k in range(n_shards)]
-    firsts = [sum(sizes[:k]) for k in range(n_shards)]
+    firsts = itertools.accumulate(sizes[:-1], initial=0)
     return list(zip(firsts, sizes))
 
 
