@@ -290,7 +290,8 @@ def train_worker(loop_config: dict) -> dict:
             metrics["time_to_first_step_s"] = first_step_at - loop_config["driver_start_time"]
             metrics["run_tags"] = {"gptdist.precision": precision, "gptdist.device": str(device),
                                    "gptdist.world_size": str(world), "gptdist.cpu_threads": str(threads),
-                                   "gptdist.chunked_loss": str(raw_model.chunked_loss).lower()}
+                                   "gptdist.chunked_loss": str(raw_model.chunked_loss).lower(),
+                                   "gptdist.mfu_peak_tflops": f"{peak / 1e12:.3f}"}  # MFU's denominator, all workers
             first_step_at = None
         if device.type == "cuda":
             metrics["device_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

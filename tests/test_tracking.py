@@ -48,6 +48,13 @@ def test_two_worker_run_is_fully_logged(server_run, mlflow_server):
     for key in ("train/loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_ms", "tokens_seen"):
         assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)] == [1, 2, 3, 4], key
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/loss")) == [2, 4]
+    # MFU is achieved FLOP/s over the logged peak of both workers
+    peak = float(tags["gptdist.mfu_peak_tflops"]) * 1e12
+    assert peak > 0
+    speeds = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "tokens_per_s")}
+    for m in client.get_metric_history(run.info.run_id, "mfu"):
+        expected = speeds[m.step] * int(p["derived.flops_per_token"]) / peak
+        assert 0 < m.value < 1 and m.value == pytest.approx(expected, rel=0.01)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "dataset_manifest.json", "loss_curve.png", "model", "samples", "checkpoints"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/model.pt", "model/meta.json"}
