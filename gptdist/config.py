@@ -43,6 +43,9 @@ class RayConfig:
     local_num_cpus: int | None = None
     storage_path: str = "runs/ray"
     max_failures: int = 0
+    # Workers' glibc malloc keeps freed memory for reuse (trainer.WORKER_MALLOC_ENV)
+    # instead of handing it back to the kernel and faulting it in again each step.
+    worker_keeps_freed_memory: bool = True
 
 
 @dataclass

@@ -54,17 +54,17 @@ class LinearCrossEntropy(torch.autograd.Function):
     """mean_i CE(hidden_i · weightᵀ, targets_i), with the gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
+                workspace: LossWorkspace):
         n = hidden.shape[0]
         chunk_rows, group_rows = chunk_sizes(hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
-            buffers = ChunkBuffers.allocate(min(chunk_rows, n), min(group_rows, n), weight.shape[0], dtype,
-                                            hidden.device)
+            buffers = workspace.buffers(min(chunk_rows, n), min(group_rows, n), weight.shape, dtype, hidden.device)
             x = hidden.detach().to(dtype)
             w = weight.detach().to(dtype)
-            w_t = w.t().contiguous()  # (C, V): the forward matmul is faster on a row-major right operand
+            w_t = buffers.weight_t.copy_(w.t())  # (C, V): the forward matmul is faster on a row-major right operand
             grad_x = torch.empty_like(x)
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for g0 in range(0, n, group_rows):
                 g1 = min(g0 + group_rows, n)
@@ -73,7 +73,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_logits = buffers.group[c0 - g0 : c1 - g0]
                     loss += chunk_loss_and_grad(x[c0:c1], w_t, targets[c0:c1], grad_logits, buffers)
                     torch.mm(grad_logits, w, out=grad_x[c0:c1])
-                accumulate_weight_grad(grad_w, buffers.group[: g1 - g0], x[g0:g1])
+                accumulate_weight_grad(grad_w, buffers.group[: g1 - g0], x[g0:g1], buffers, first=g0 == 0)
+            grad_w.div_(n)  # the gradient of the mean loss
         ctx.save_for_backward(grad_x, grad_w)
         ctx.hidden_dtype, ctx.weight_dtype, ctx.n = hidden.dtype, weight.dtype, n
         return loss / n
@@ -81,27 +82,62 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_x, grad_w = ctx.saved_tensors
-        scale = grad_output.float() / ctx.n
-        return (grad_x * scale).to(ctx.hidden_dtype), (grad_w * scale).to(ctx.weight_dtype), None, None
+        grad_x = (grad_x * (grad_output.float() / ctx.n)).to(ctx.hidden_dtype)
+        # loss.backward() passes 1: hand grad_w over as it is rather than a
+        # scaled V x C copy. Reading the value is free on a CPU; on a GPU it
+        # would wait for the device, so there the product is always taken.
+        if not (grad_output.device.type == "cpu" and grad_output.item() == 1.0):
+            grad_w = grad_w * grad_output.float()
+        return grad_x, grad_w.to(ctx.weight_dtype), None, None, None
 
 
 @dataclass
 class ChunkBuffers:
-    """Allocated once per call and reused by every chunk, so no chunk pays
-    for fresh memory."""
+    """Scratch memory that every chunk reuses."""
 
     group: torch.Tensor  # (group rows, V), matmul dtype: the gradient of the logits
     logits: torch.Tensor  # (chunk rows, V), fp32
     log_probs: torch.Tensor  # (chunk rows, V), fp32
     minus_one: torch.Tensor  # (chunk rows, 1), matmul dtype
+    weight_t: torch.Tensor  # (C, V), matmul dtype
+    group_grad_w: torch.Tensor | None  # (V, C), matmul dtype when that is not fp32
+    group_grad_w_fp32: torch.Tensor | None  # (V, C), fp32, the same product cast up
 
     @classmethod
-    def allocate(cls, chunk_rows: int, group_rows: int, vocab: int, dtype: torch.dtype, device) -> ChunkBuffers:
+    def allocate(cls, chunk_rows: int, group_rows: int, weight_shape: torch.Size, dtype: torch.dtype,
+                 device) -> ChunkBuffers:
+        vocab = weight_shape[0]
         fp32 = dict(dtype=torch.float32, device=device)
         return cls(group=torch.empty((group_rows, vocab), dtype=dtype, device=device),
                    logits=torch.empty((chunk_rows, vocab), **fp32),
                    log_probs=torch.empty((chunk_rows, vocab), **fp32),
-                   minus_one=torch.full((chunk_rows, 1), -1.0, dtype=dtype, device=device))
+                   minus_one=torch.full((chunk_rows, 1), -1.0, dtype=dtype, device=device),
+                   weight_t=torch.empty((weight_shape[1], vocab), dtype=dtype, device=device),
+                   group_grad_w=None if dtype == torch.float32
+                   else torch.empty(weight_shape, dtype=dtype, device=device),
+                   group_grad_w_fp32=None if dtype == torch.float32
+                   else torch.empty(weight_shape, **fp32))
+
+
+class LossWorkspace:
+    """Keeps one ChunkBuffers from call to call (the model holds one).
+
+    Fresh buffers each step cost more than their size suggests on a CPU:
+    glibc hands blocks this large back to the kernel when they are freed, so
+    every step faults and zeroes them again (the group buffer alone is 200 MB
+    in fp32 at the `mini` shape)."""
+
+    def __init__(self) -> None:
+        self._buffers: ChunkBuffers | None = None
+        self._key: tuple | None = None
+
+    def buffers(self, chunk_rows: int, group_rows: int, weight_shape: torch.Size, dtype: torch.dtype,
+                device) -> ChunkBuffers:
+        key = (chunk_rows, group_rows, tuple(weight_shape), dtype, torch.device(device))
+        if key != self._key:
+            self._buffers, self._key = None, None  # free the old ones first
+            self._buffers, self._key = ChunkBuffers.allocate(chunk_rows, group_rows, weight_shape, dtype, device), key
+        return self._buffers
 
 
 def chunk_loss_and_grad(x: torch.Tensor, w_t: torch.Tensor, targets: torch.Tensor, out: torch.Tensor,
@@ -126,25 +162,39 @@ def chunk_loss_and_grad(x: torch.Tensor, w_t: torch.Tensor, targets: torch.Tenso
     return -target_log_probs.sum()
 
 
-def accumulate_weight_grad(grad_w: torch.Tensor, grad_logits: torch.Tensor, x: torch.Tensor) -> None:
-    """grad_w (fp32) += grad_logitsᵀ · x."""
+def accumulate_weight_grad(grad_w: torch.Tensor, grad_logits: torch.Tensor, x: torch.Tensor,
+                           buffers: ChunkBuffers, first: bool) -> None:
+    """grad_w (fp32) = (or += after the `first` group) grad_logitsᵀ · x.
+
+    A bf16 product goes through reused buffers: PyTorch has no bf16 x bf16 ->
+    fp32 matmul on CPU, and `grad_w += product` of mixed dtypes made a fresh
+    fp32 copy of the product, a V × C tensor per group."""
     if grad_logits.dtype == torch.float32:
-        grad_w.addmm_(grad_logits.t(), x)
+        if first:
+            torch.mm(grad_logits.t(), x, out=grad_w)
+        else:
+            grad_w.addmm_(grad_logits.t(), x)
+        return
+    product = torch.mm(grad_logits.t(), x, out=buffers.group_grad_w)
+    if first:
+        grad_w.copy_(product)
     else:
-        grad_w += torch.mm(grad_logits.t(), x)
+        grad_w.add_(buffers.group_grad_w_fp32.copy_(product))
 
 
 # torch.compile traces the rest of the model; this loop of matmuls and
 # in-place updates runs eagerly (its cost is the matmuls either way).
 @torch.compiler.disable
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         workspace: LossWorkspace | None = None) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets`.
 
-    hidden (..., C), weight (V, C), targets (...) of token ids."""
+    hidden (..., C), weight (V, C), targets (...) of token ids; `workspace`
+    keeps the scratch buffers for the next call."""
     flat, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     dtype = compute_dtype(hidden)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(flat, weight, targets, dtype)
+        return LinearCrossEntropy.apply(flat, weight, targets, dtype, workspace or LossWorkspace())
     return chunked_loss_only(flat, weight, targets, dtype)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from gptdist.lm_loss import linear_cross_entropy
+from gptdist.lm_loss import LossWorkspace, linear_cross_entropy
 
 # GPT-2's vocabulary is 50257 tokens; padding to a multiple of 64 makes the
 # embedding and LM-head matmuls noticeably faster (nanoGPT measured ~25%).
@@ -143,6 +143,7 @@ class GPT(nn.Module):
         config.validate()
         self.config = config
         self.chunked_loss = chunked_loss
+        self.loss_workspace = LossWorkspace()  # scratch buffers of the chunked loss, kept between steps
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -205,7 +206,7 @@ class GPT(nn.Module):
             new_cache.append(present)
         x = self.transformer.ln_f(x)
         if targets is not None and self.chunked_loss:
-            return None, linear_cross_entropy(x, self.lm_head.weight, targets), new_cache
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.loss_workspace), new_cache
         logits = self.lm_head(x)
         loss = None
         if targets is not None:

@@ -121,3 +121,36 @@ def test_chunked_loss_without_grad_equals_plain_loss():
         _, plain_loss, _ = plain(idx, targets=idx)
         _, chunked_loss, _ = chunked(idx, targets=idx)
     assert abs(plain_loss.item() - chunked_loss.item()) < 1e-5
+
+
+def test_chunked_loss_reuses_its_workspace_across_calls_and_shapes():
+    """The scratch buffers persist between steps; a new batch shape or dtype
+    gets new ones, and every call still matches the plain loss."""
+    plain, chunked = twin_models(450)
+    kept = []
+    for rows, bf16 in [(450, True), (450, True), (200, True), (450, False)]:
+        idx = torch.randint(0, 50257, (3, rows))
+        results = []
+        for model in (plain, chunked):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                _, loss, _ = model(idx, targets=idx)
+            loss.backward()
+            results.append((loss.item(), model.transformer.wte.weight.grad))
+        (plain_loss, plain_grad), (chunked_loss, chunked_grad) = results
+        assert abs(plain_loss - chunked_loss) < (2e-3 if bf16 else 1e-5)
+        assert (plain_grad - chunked_grad).abs().max() <= (2e-2 if bf16 else 1e-5) * plain_grad.abs().max()
+        kept.append(chunked.loss_workspace._buffers)
+    assert kept[0] is kept[1] and kept[2] is not kept[1] and kept[3] is not kept[2]
+
+
+def test_chunked_loss_gradient_follows_a_scaled_loss():
+    """Gradient accumulation backpropagates loss / steps: the chunked head's
+    gradients must scale with it (backward skips the product only for 1)."""
+    plain, chunked = twin_models(300)
+    idx = torch.randint(0, 50257, (2, 300))
+    for model in (plain, chunked):
+        _, loss, _ = model(idx, targets=idx)
+        (loss * 0.25).backward()
+    for (name, p), c in zip(plain.named_parameters(), chunked.parameters()):
+        assert torch.allclose(p.grad, c.grad, rtol=1e-4, atol=1e-7), name

@@ -43,6 +43,7 @@ def test_two_worker_run_is_fully_logged(server_run, mlflow_server):
     assert tags["gptdist.run_kind"] == "train"
     assert tags["gptdist.device_type"] == "cpu"
     assert tags["gptdist.precision"] == "fp32" and tags["gptdist.world_size"] == "2"
+    assert tags["gptdist.worker_keeps_freed_memory"] == "true"  # the malloc settings reached the workers
     assert len(tags["gptdist.dataset_manifest_sha256"]) == 64
     assert {"gptdist.torch_version", "gptdist.ray_version", "gptdist.mlflow_version"} <= set(tags)
     for key in ("train/loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_ms", "tokens_seen"):
@@ -63,9 +64,11 @@ def test_two_worker_run_is_fully_logged(server_run, mlflow_server):
 
 
 def test_resumed_run_appends_to_the_same_mlflow_run(tmp_path, tiny_dataset, mlflow_server):
-    first = config(tmp_path, tiny_dataset, mlflow_server, "resumed", "train.max_steps=2", "train.lr_decay_steps=4")
+    plain_malloc = "ray.worker_keeps_freed_memory=false"
+    first = config(tmp_path, tiny_dataset, mlflow_server, "resumed", "train.max_steps=2", "train.lr_decay_steps=4",
+                   plain_malloc)
     a = train_main(first)
-    second = config(tmp_path, tiny_dataset, mlflow_server, "resumed", "train.lr_decay_steps=4")
+    second = config(tmp_path, tiny_dataset, mlflow_server, "resumed", "train.lr_decay_steps=4", plain_malloc)
     b = train_main(second)
     assert a["mlflow_run_id"] == b["mlflow_run_id"]
     client = MlflowClient(mlflow_server)
@@ -75,6 +78,7 @@ def test_resumed_run_appends_to_the_same_mlflow_run(tmp_path, tiny_dataset, mlfl
     steps = sorted(m.step for m in client.get_metric_history(b["mlflow_run_id"], "train/loss"))
     assert steps == [1, 2, 3, 4]
     assert same_name[0].info.status == "FINISHED"
+    assert same_name[0].data.tags["gptdist.worker_keeps_freed_memory"] == "false"
 
 
 def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, tiny_dataset):
