@@ -26,7 +26,6 @@ error.
 from __future__ import annotations
 
 import itertools
-
 import math
 from dataclasses import dataclass
 

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 import torch
 
 # Rows per chunk: the chunk's fp32 logits are rows × V × 4 bytes (about 25 MB
-# at 128 rows), small enough to stay in cache between the passes over them
-# and below glibc's mmap threshold, so the buffer is reused rather than
-# faulted in again. The weight-gradient matmul wants more rows per chunk
+# at 128 rows), small enough to stay in cache between the passes over them.
+# The weight-gradient matmul wants more rows per chunk
 # (its output, V × C, is read and written once per chunk), so the chunk
 # gradients are gathered into groups of `GROUP_ROWS` before that matmul.
 # On a GPU each chunk costs kernel launches, so chunks there are large

@@ -291,9 +291,10 @@ def train_worker(loop_config: dict) -> dict:
             metrics["run_tags"] = {"gptdist.precision": precision, "gptdist.device": str(device),
                                    "gptdist.world_size": str(world), "gptdist.cpu_threads": str(threads),
                                    "gptdist.chunked_loss": str(raw_model.chunked_loss).lower(),
+                                   # MFU's denominator, all workers together
                                    "gptdist.mfu_peak_tflops": f"{peak / 1e12:.3f}",
                                    # what this process's malloc was started with (trainer.WORKER_MALLOC_ENV)
-                                   "gptdist.worker_keeps_freed_memory": str(os.environ.get("MALLOC_MMAP_MAX_") == "0").lower()}  # MFU's denominator, all workers
+                                   "gptdist.worker_keeps_freed_memory": str(os.environ.get("MALLOC_MMAP_MAX_") == "0").lower()}
             first_step_at = None
         if device.type == "cuda":
             metrics["device_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20

@@ -141,12 +141,13 @@ def test_pack_into_blocks_overlaps_by_one():
 
 @pytest.mark.parametrize("n_rows", [1, 99, 100, 101, 39_861])
 def test_plan_shards_balances_sizes_and_covers_every_row(n_rows):
-    plan = plan_shards(n_rows, 100 if n_rows < 1000 else 32_704)
+    per_shard = 100 if n_rows < 1000 else 32_704
+    plan = plan_shards(n_rows, per_shard)
     sizes = [n for _, n in plan]
     assert sum(sizes) == n_rows and max(sizes) - min(sizes) <= 1
-    assert max(sizes) <= (100 if n_rows < 1000 else 32_704)
+    assert max(sizes) <= per_shard
     assert [first for first, _ in plan] == list(np.cumsum([0] + sizes)[:-1])
-    assert len(plan) == -(-n_rows // (100 if n_rows < 1000 else 32_704))
+    assert len(plan) == -(-n_rows // per_shard)
 
 
 def test_val_gets_smallest_hash_documents_when_empty():
