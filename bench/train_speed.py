@@ -29,7 +29,7 @@ def matmul_peaks(threads: int) -> dict[str, float]:
     same precisions on the model's own QKV shape (batch 8x512 rows, 384 ->
     1152), where AMX runs faster than on the squares."""
     torch.set_num_threads(threads)
-    peaks = {p: measure_cpu_peak_flops(p, size=2048, seconds=0.5, trials=6) for p in ("fp32", "bf16")}
+    peaks = {p: measure_cpu_peak_flops(p, size=2048, seconds=0.5, trials=10) for p in ("fp32", "bf16")}
     for p in ("fp32", "bf16"):
         peaks[f"{p}_qkv_shape"] = measure_cpu_peak_flops(p, shape=(BATCH * BLOCK, 384, 1152), seconds=0.5, trials=6)
     return peaks
@@ -87,7 +87,7 @@ def gptdist_run(preset_name: str, steps: int, data_path: str, *overrides: str) -
             f"train.global_batch_size={BATCH}", f"train.micro_batch_size={BATCH}", f"train.max_steps={steps}",
             "train.log_interval=1", f"train.eval_interval={steps}", "train.eval_batches=1",
             f"train.checkpoint_interval={steps}", "train.sample_tokens=0", f"ray.storage_path={tmp}/ray",
-            f"tracking.uri={uri}", f"tracking.runs_dir={tmp}", *overrides,
+            f"tracking.uri={uri}", f"tracking.runs_dir={tmp}", "tracking.log_checkpoints=none", *overrides,
         ])
         start = time.perf_counter()
         summary = train_main(cfg)

@@ -217,7 +217,11 @@ def train_worker(loop_config: dict) -> dict:
                          micro_batch=cfg.train.micro_batch_size, rank=rank, world_size=world,
                          vocab_size=cfg.model.vocab_size)
     fpt = raw_model.flops_per_token()
-    peak = peak_flops(device, precision, cfg.train.cpu_peak_flops) * world
+    # MFU's denominator, all workers together. Measured at the first report,
+    # not here: on a 2-core CPU the probe shares the cores with the start-up
+    # of Ray Train's controller and read 10-20% below the quiet peak, which
+    # inflated every MFU of the run.
+    peak: float | None = None
     tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
     is_ddp = world > 1
 
@@ -273,6 +277,7 @@ def train_worker(loop_config: dict) -> dict:
         elapsed = time.perf_counter() - window_start
         train_loss = all_reduce_mean(loss_sum.reshape(1) / window_steps)[0].item()
         tokens_per_s = window_steps * tokens_per_step / elapsed
+        peak = peak or peak_flops(device, precision, cfg.train.cpu_peak_flops) * world
         metrics = {
             "step": state.step,
             "train/loss": train_loss,
