@@ -61,6 +61,9 @@ def tiny_config(tmp: Path, data: Path, name: str, *extra: str, uri: str | None =
         "train.learning_rate=0.003", "train.warmup_steps=1", "train.log_interval=1",
         "train.eval_interval=3", "train.eval_batches=2", "train.checkpoint_interval=3",
         "train.sample_tokens=8", f"train.run_name={name}", "train.precision=fp32",
+        # A fixed MFU denominator: the matmul probe costs each worker about
+        # 2 s per run. tests/test_tracking.py measures it where it checks MFU.
+        "train.cpu_peak_flops=1.0e+11",
         f"ray.storage_path={tmp / 'ray'}", f"tracking.uri={uri}",
         f"tracking.runs_dir={tmp}", *extra,
     ])

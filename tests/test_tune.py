@@ -159,7 +159,6 @@ def sweep_config(tmp: Path, data: Path, *extra: str):
         tmp, data, "unused", "train.global_batch_size=4", "train.micro_batch_size=4",
         "train.warmup_steps=2", "train.log_interval=2", "train.eval_interval=2",
         "train.checkpoint_interval=100", "train.sample_tokens=0",
-        "train.cpu_peak_flops=1.0e+11",
         "tune.n_layer=[1, 2]", "tune.n_head=[2, 3]", "tune.n_embd=[64]", "tune.learning_rate=[0.003, 0.000001]",
         "tune.max_steps=10", "tune.grace_period=1", "tune.reduction_factor=2", "tune.name=sweep-test", *extra,
     )

@@ -100,7 +100,7 @@ def test_kill_the_driver_and_start_again(tmp_path, tiny_dataset):
                "train.log_interval=1", "train.eval_interval=6", "train.eval_batches=1",
                "train.checkpoint_interval=2", "train.sample_tokens=0", "train.run_name=driver-killed",
                f"ray.storage_path={tmp_path / 'ray'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-               f"tracking.runs_dir={tmp_path}", "ray.local_num_cpus=2"]:
+               f"tracking.runs_dir={tmp_path}", "ray.local_num_cpus=2", "train.cpu_peak_flops=1.0e+11"]:
         args += ["--set", kv]
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # a local run, not a job
