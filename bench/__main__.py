@@ -29,6 +29,10 @@ def row(name, value, baseline=None, target=None, unit="", note=""):
             "met": met, "unit": unit, "note": note}
 
 
+# The candidates for the best CPU setting, (c) in the table, and their labels.
+BF16_SETTINGS = {"bf16": "bf16", "bf16_compile": "bf16+compile", "bf16_compile_plain_loss": "bf16+compile, plain loss"}
+
+
 def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     steps = 4 if quick else 12
     threads = os.cpu_count() or 1
@@ -49,7 +53,7 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
         plain_bf16 = train_speed.plain_loop_in_child(name, steps, 2, precision="bf16") if every_setting else None
         fpt = plain["flops_per_token"]
         mfu = lambda tps, peak: tps * fpt / peak
-        runs: dict[str, dict | None] = {}
+        runs: dict[str, dict] = {}
         ray.init(num_cpus=threads + 1, include_dashboard=False, address="local")
         try:
             runs["fp32"] = train_speed.gptdist_run(name, steps + 3, data, "train.precision=fp32")
@@ -57,21 +61,18 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
             if every_setting:
                 runs["bf16_compile"] = train_speed.gptdist_run(name, steps + 6, data, "train.precision=bf16",
                                                                "train.compile=true")
-            if not quick:
-                # Inductor fuses the plain head + cross-entropy itself; measured
-                # both ways, since either may win on a given CPU.
-                runs["bf16_compile_plain_loss"] = train_speed.gptdist_run(
-                    name, steps + 6, data, "train.precision=bf16", "train.compile=true", "train.chunked_loss=false")
-            if every_setting:
+                if not quick:
+                    # Inductor fuses the plain head + cross-entropy itself; measured
+                    # both ways, since either may win on a given CPU.
+                    runs["bf16_compile_plain_loss"] = train_speed.gptdist_run(
+                        name, steps + 6, data, "train.precision=bf16", "train.compile=true", "train.chunked_loss=false")
                 runs["2x1"] = train_speed.gptdist_run(name, steps + 3, data, "ray.num_workers=2", "train.cpu_threads=1",
                                                       "train.micro_batch_size=4", "train.precision=fp32")
         finally:
             ray.shutdown()
         fp32 = runs["fp32"]
-        candidates = [(k, v) for k, v in runs.items() if k.startswith("bf16")]
-        best_key, best = max(candidates, key=lambda kv: kv[1]["tokens_per_s"] if kv[1] else 0)
-        best_name = {"bf16": "bf16", "bf16_compile": "bf16+compile",
-                     "bf16_compile_plain_loss": "bf16+compile, plain loss"}[best_key]
+        best_key = max(BF16_SETTINGS.keys() & runs.keys(), key=lambda k: runs[k]["tokens_per_s"])
+        best, best_name = runs[best_key], BF16_SETTINGS[best_key]
         base = plain["tokens_per_s"]
         rows += [
             row(f"{name}: plain PyTorch loop fp32 (baseline)", base, unit="tok/s",
