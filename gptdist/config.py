@@ -43,6 +43,10 @@ class RayConfig:
     local_num_cpus: int | None = None
     storage_path: str = "runs/ray"
     max_failures: int = 0
+    # How often Ray Train's controller collects the workers' reports. A
+    # worker's report waits while its previous one is uncollected, so steps
+    # that report faster than this are slowed to it (Ray's default is 2 s).
+    controller_poll_s: float = 0.25
     # Workers' glibc malloc keeps freed memory for reuse (trainer.WORKER_MALLOC_ENV)
     # instead of handing it back to the kernel and faulting it in again each step.
     worker_keeps_freed_memory: bool = True
@@ -327,6 +331,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ray.cpus_per_worker={cfg.ray.cpus_per_worker} must be positive")
     if cfg.ray.max_failures < 0:
         raise ConfigError(f"ray.max_failures={cfg.ray.max_failures} must be >= 0")
+    if not cfg.ray.controller_poll_s > 0:
+        raise ConfigError(f"ray.controller_poll_s={cfg.ray.controller_poll_s} must be > 0")
     t = cfg.train
     if t.learning_rate <= 0 or t.min_lr < 0 or t.min_lr > t.learning_rate:
         raise ConfigError(

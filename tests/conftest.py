@@ -12,16 +12,29 @@ from support import BLOCK, free_port, start_mlflow_server, stop_process_group
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray of its own (address="local" never joins another
-    cluster running on the machine)."""
-    ray.init(num_cpus=4, include_dashboard=False, address="local")
+    """A real local Ray of its own, started as `gptdist train --local` starts
+    it (address="local" never joins another cluster running on the machine).
+    Its dashboard serves the state API that Ray Train's placement-group
+    cleaner polls: without one, every run's shutdown waits out the cleaner's
+    12 s timeout."""
+    from gptdist.config import load_config
+    from gptdist.trainer import connect_ray
+
+    assert connect_ray(load_config(overrides=["ray.local_num_cpus=4"]), force_local=True)
     yield
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory, ray_local) -> Path:
-    """About 60 rows of 64+1 tokens prepared by the real pipeline."""
+def tiny_dataset(prepared_tiny_dataset, ray_local) -> Path:
+    """The tiny dataset, and the module's Ray to train on it."""
+    return prepared_tiny_dataset
+
+
+@pytest.fixture(scope="session")
+def prepared_tiny_dataset(tmp_path_factory) -> Path:
+    """About 60 rows of 64+1 tokens prepared by the real pipeline, once for
+    the whole session (in a Ray of its own when none is running)."""
     from data_pipeline.prepare import prepare_dataset
     from data_pipeline.sources import shakespeare_files
 

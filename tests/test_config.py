@@ -64,3 +64,8 @@ def test_indivisible_batch_names_values():
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}}) == {"a.b": 1, "a.c.d": 2}
+
+
+def test_controller_poll_interval_must_be_positive():
+    with pytest.raises(ConfigError, match=r"ray\.controller_poll_s=0\.0 must be > 0"):
+        load_config(overrides=["ray.controller_poll_s=0"])

@@ -91,14 +91,22 @@ def twin_models(chunk_rows_total: int):
     return plain, chunked
 
 
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks and groups a few rows long, so that short batches cross their
+    boundaries (bf16 matmuls are slow on CPUs without bf16 instructions)."""
+    monkeypatch.setattr(lm_loss, "CHUNK_ROWS", 32)
+    monkeypatch.setattr(lm_loss, "GROUP_ROWS", 96)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_chunked_loss_equals_plain_loss_and_gradients(precision):
-    # 3 x 450 = 1350 rows: more than one group of GROUP_ROWS and a ragged
+def test_chunked_loss_equals_plain_loss_and_gradients(precision, small_chunks):
+    # 3 x 70 = 210 rows: more than one group of GROUP_ROWS and a ragged
     # last chunk, so the chunk and group boundaries are exercised.
-    assert 1350 > lm_loss.GROUP_ROWS and 1350 % lm_loss.CHUNK_ROWS
-    plain, chunked = twin_models(450)
-    idx = torch.randint(0, 50257, (3, 450))
-    targets = torch.randint(0, 50257, (3, 450))
+    assert 210 > 2 * lm_loss.GROUP_ROWS and 210 % lm_loss.CHUNK_ROWS
+    plain, chunked = twin_models(70)
+    idx = torch.randint(0, 50257, (3, 70))
+    targets = torch.randint(0, 50257, (3, 70))
     results = []
     for model in (plain, chunked):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -123,12 +131,12 @@ def test_chunked_loss_without_grad_equals_plain_loss():
     assert abs(plain_loss.item() - chunked_loss.item()) < 1e-5
 
 
-def test_chunked_loss_reuses_its_workspace_across_calls_and_shapes():
+def test_chunked_loss_reuses_its_workspace_across_calls_and_shapes(small_chunks):
     """The scratch buffers persist between steps; a new batch shape or dtype
     gets new ones, and every call still matches the plain loss."""
-    plain, chunked = twin_models(450)
+    plain, chunked = twin_models(70)
     kept = []
-    for rows, bf16 in [(450, True), (450, True), (200, True), (450, False)]:
+    for rows, bf16 in [(70, True), (70, True), (20, True), (70, False)]:
         idx = torch.randint(0, 50257, (3, rows))
         results = []
         for model in (plain, chunked):

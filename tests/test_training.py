@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from data_pipeline.manifest import DatasetError
 from gptdist.checkpoint import load_model_state
 from gptdist.config import ConfigError
-from gptdist.trainer import train_main
+from gptdist.trainer import CONTROLLER_POLL_ENV, train_main
 
 from support import audited_rows, tiny_config as make_config
 
@@ -42,6 +42,10 @@ def test_two_workers_loss_falls_and_ranks_agree(two_worker_run):
     assert history[6] < history[1] - 0.5
     digests = summary["param_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
+    # Ray Train handed its controller the configured poll interval.
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    assert get_env_vars_to_propagate()[CONTROLLER_POLL_ENV] == "0.25"
 
 
 def test_accumulation_matches_workers(tmp_path, tiny_dataset, two_worker_run):
