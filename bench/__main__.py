@@ -19,6 +19,7 @@ import ray
 
 from bench import bench_data, train_speed
 from gptdist.train_step import cpu_has_fast_bf16
+from gptdist.trainer import start_local_ray
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -64,15 +65,6 @@ def setting_precision(key: str) -> str:
     return "bf16" if key.startswith("bf16") else "fp32"
 
 
-def start_local_ray(num_cpus: int) -> None:
-    """Ray as `gptdist train --local` starts it (with the dashboard whose
-    state API Ray Train's placement-group cleaner polls)."""
-    from gptdist.config import load_config
-    from gptdist.trainer import connect_ray
-
-    connect_ray(load_config(overrides=[f"ray.local_num_cpus={num_cpus}"]), force_local=True)
-
-
 def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     steps = 3 if quick else 12
     threads = os.cpu_count() or 1
@@ -97,6 +89,8 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
         fpt = plain["flops_per_token"]
         mfu = lambda tps, peak: tps * fpt / peak
         runs: dict[str, dict] = {}
+        # Ray as `gptdist train --local` starts it, with the dashboard whose
+        # state API Ray Train's placement-group cleaner polls.
         start_local_ray(threads + 1)
         try:
             runs["fp32"] = train_speed.gptdist_run(name, steps + 3, data, "train.precision=fp32")

@@ -61,16 +61,7 @@ def connect_ray(cfg: Config, force_local: bool = False, include_dashboard: bool 
     if address == "local":
         # One more logical CPU than cores leaves Ray Data a slot beside the
         # training workers; without it Ray Data can stall.
-        num_cpus = cfg.ray.local_num_cpus or (os.cpu_count() or 1) + 1
-        env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        dashboard_port = None
-        if include_dashboard:
-            # The state API finds the dashboard through RAY_API_SERVER_ADDRESS, else
-            # through the machine's latest Ray: another one when several run here.
-            dashboard_port = free_port()
-            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
-                 dashboard_port=dashboard_port, runtime_env={"env_vars": env})
+        start_local_ray(cfg.ray.local_num_cpus or (os.cpu_count() or 1) + 1, include_dashboard)
         return True
     check_address_reachable(address)
     try:
@@ -78,6 +69,20 @@ def connect_ray(cfg: Config, force_local: bool = False, include_dashboard: bool 
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ConnectionError(f"cannot connect to Ray at ray.address={address!r}: {e}") from None
     return True
+
+
+def start_local_ray(num_cpus: int, include_dashboard: bool = True) -> None:
+    """A new Ray of this process's own on this machine, with `num_cpus`
+    logical CPUs and (unless asked not to) a dashboard on 127.0.0.1."""
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    dashboard_port = None
+    if include_dashboard:
+        # The state API finds the dashboard through RAY_API_SERVER_ADDRESS, else
+        # through the machine's latest Ray: another one when several run here.
+        dashboard_port = free_port()
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
+             dashboard_port=dashboard_port, runtime_env={"env_vars": env})
 
 
 def free_port() -> int:

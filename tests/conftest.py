@@ -17,10 +17,9 @@ def ray_local():
     Its dashboard serves the state API that Ray Train's placement-group
     cleaner polls: without one, every run's shutdown waits out the cleaner's
     12 s timeout."""
-    from gptdist.config import load_config
-    from gptdist.trainer import connect_ray
+    from gptdist.trainer import start_local_ray
 
-    assert connect_ray(load_config(overrides=["ray.local_num_cpus=4"]), force_local=True)
+    start_local_ray(num_cpus=4)
     yield
     ray.shutdown()
 
