@@ -18,26 +18,30 @@ Guarantees
   original run would have trained: within an epoch no row is trained twice
   and none is skipped.
 
-Why not a Ray Data iterator: open-source Ray Data iterators cannot be
-checkpointed or seeked (ray-project/ray#37633, #48224), and a streaming split
-assigns blocks to workers by timing, so neither the rows a worker saw nor
-where to restart can be known. Shards are Parquet files of a few MB, so each
-worker reads the shard it is in with pyarrow and keeps it in memory.
+Two ways to read
+----------------
+`data_pipeline.ingest` (the default, `data.ingest: ray_data`) feeds each
+worker through Ray Data, reading the shards from any filesystem pyarrow
+reads; it computes the rows with the functions below, so both ways train
+the same rows. `TrainStream` (`data.ingest: direct`) is the reference and a
+fallback: each worker reads the shard it is in with pyarrow and keeps it in
+memory, on the worker's own thread, with no read-ahead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from data_pipeline import storage
+
 
 @dataclass(frozen=True)
 class Shard:
-    path: Path
+    path: str  # a local path or a URI (s3://, gs://, ...)
     first_row: int
     rows: int
 
@@ -47,6 +51,37 @@ def epoch_order(shards: list[Shard], seed: int, epoch: int) -> np.ndarray:
     rng = np.random.default_rng([seed, epoch])
     parts = [s.first_row + rng.permutation(s.rows) for s in (shards[i] for i in rng.permutation(len(shards)))]
     return np.concatenate(parts).astype(np.int64)
+
+
+def read_shard_tokens(location: str, vocab_size: int | None = None) -> np.ndarray:
+    """A shard's token rows as one (rows, T+1) array, from any filesystem."""
+    fs, path = storage.filesystem(location)
+    column = pq.read_table(path, columns=["tokens"], filesystem=fs).column("tokens").combine_chunks()
+    tokens = column.values.to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
+    if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
+        # An embedding lookup would fail deep inside the model; say where instead.
+        raise ValueError(
+            f"{location} holds token id {int(tokens.max())}, outside the model's "
+            f"vocabulary of {vocab_size} (model.vocab_size)"
+        )
+    return tokens
+
+
+
+def steps_per_epoch(shards: list[Shard], global_batch: int) -> int:
+    total_rows = sum(s.rows for s in shards)
+    if total_rows < global_batch:
+        raise ValueError(
+            f"the train split has {total_rows} rows, fewer than one global batch "
+            f"(train.global_batch_size={global_batch})"
+        )
+    return total_rows // global_batch
+
+
+def data_position(step: int, steps_in_epoch: int, global_batch: int) -> dict[str, int]:
+    """Where step `step` starts: epoch and rows already consumed in it."""
+    epoch, j = divmod(step, steps_in_epoch)
+    return {"epoch": epoch, "epoch_row": j * global_batch}
 
 
 def rows_for_micro_step(step_rows: np.ndarray, micro_step: int, rank: int, world_size: int, micro_batch: int) -> np.ndarray:
@@ -67,16 +102,7 @@ class ShardCache:
 
     def _shard_tokens(self, i: int) -> np.ndarray:
         if i not in self._loaded:
-            table = pq.read_table(self.shards[i].path, columns=["tokens"])
-            column = table.column("tokens").combine_chunks()
-            width = column.type.list_size
-            tokens = column.values.to_numpy(zero_copy_only=False).reshape(-1, width)
-            if self.vocab_size is not None and tokens.size and int(tokens.max()) >= self.vocab_size:
-                # An embedding lookup would fail deep inside the model; say where instead.
-                raise ValueError(
-                    f"{self.shards[i].path} holds token id {int(tokens.max())}, outside the model's "
-                    f"vocabulary of {self.vocab_size} (model.vocab_size)"
-                )
+            tokens = read_shard_tokens(str(self.shards[i].path), self.vocab_size)
             if len(self._loaded) >= self.keep:
                 self._loaded.pop(next(iter(self._loaded)))
             self._loaded[i] = tokens
@@ -101,20 +127,12 @@ class TrainStream:
         self.rank = rank
         self.world_size = world_size
         self.accumulation = global_batch // (micro_batch * world_size)
-        total_rows = sum(s.rows for s in shards)
-        self.steps_per_epoch = total_rows // global_batch
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"the train split has {total_rows} rows, fewer than one global batch "
-                f"(train.global_batch_size={global_batch})"
-            )
+        self.steps_per_epoch = steps_per_epoch(shards, global_batch)
         self._order_epoch = -1
         self._order: np.ndarray | None = None
 
     def position(self, step: int) -> dict[str, int]:
-        """Where step `step` starts: epoch and rows already consumed in it."""
-        epoch, j = divmod(step, self.steps_per_epoch)
-        return {"epoch": epoch, "epoch_row": j * self.global_batch}
+        return data_position(step, self.steps_per_epoch, self.global_batch)
 
     def step_rows(self, step: int) -> np.ndarray:
         epoch, j = divmod(step, self.steps_per_epoch)

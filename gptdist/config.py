@@ -60,6 +60,12 @@ class DataConfig:
     val_fraction: float = 0.05
     text_column: str = "text"
     seed: int = 1337
+    # How training rows reach the workers: through Ray Data (read in the
+    # background from any filesystem pyarrow reads), or read by each worker
+    # itself from a path every node sees (data_pipeline.stream).
+    ingest: Literal["ray_data", "direct"] = "ray_data"
+    prefetch_batches: int = 4  # micro-batches Ray Data reads ahead of the step
+    read_cpus: float = 0.25  # logical CPUs of each rank's Ray Data reader
 
 
 @dataclass
@@ -343,6 +349,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be in (0, 1)")
+    if cfg.data.prefetch_batches < 0:
+        raise ConfigError(f"data.prefetch_batches={cfg.data.prefetch_batches} must be >= 0")
+    if not cfg.data.read_cpus > 0:
+        raise ConfigError(f"data.read_cpus={cfg.data.read_cpus} must be > 0")
     gradient_accumulation_steps(t.global_batch_size, t.micro_batch_size, cfg.ray.num_workers)
 
 

@@ -3,7 +3,9 @@
 One worker is one DDP rank. It builds the GPT, restores the latest
 checkpoint Ray Train hands it (after a worker failure or a restart of the
 whole run), wraps the model with `ray.train.torch.prepare_model` (gloo on CPU,
-NCCL on GPU) and trains on the rows `data_pipeline.stream` assigns to it.
+NCCL on GPU) and trains on the rows `data_pipeline.stream` assigns to it,
+which Ray Data reads for it (`data_pipeline.ingest`, from its dataset shard)
+unless `data.ingest: direct`.
 Every `log_interval` steps all ranks call `ray.train.report` (a barrier) with
 the same metrics; rank 0 also attaches a checkpoint every
 `checkpoint_interval` steps and at the end. Workers never talk to MLflow:
@@ -30,6 +32,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from data_pipeline.ingest import DATASET_NAME, RayDataStream
 from data_pipeline.stream import Shard, TrainStream, eval_batches
 from gptdist.checkpoint import (
     check_shape,
@@ -102,6 +105,18 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def open_train_stream(cfg: Config, shards: list[Shard], rank: int, world: int) -> RayDataStream | TrainStream:
+    """This rank's micro-batches: from its Ray Data shard (every rank asks
+    for it: `get_dataset_shard` is a barrier), or read from the shards."""
+    if cfg.data.ingest == "ray_data":
+        return RayDataStream(ray.train.get_dataset_shard(DATASET_NAME), shards,
+                             global_batch=cfg.train.global_batch_size, micro_batch=cfg.train.micro_batch_size,
+                             world_size=world, prefetch_batches=cfg.data.prefetch_batches)
+    return TrainStream(shards, seed=cfg.data.seed, global_batch=cfg.train.global_batch_size,
+                       micro_batch=cfg.train.micro_batch_size, rank=rank, world_size=world,
+                       vocab_size=cfg.model.vocab_size)
+
+
 # --- evaluation, samples, checkpoints ----------------------------------------
 
 
@@ -135,7 +150,7 @@ def evaluate(model, shards: list[Shard], cfg: Config, rank: int, world: int, dev
 
 
 def write_checkpoint(folder: Path, model, optimizer, scaler, state: LoopState, cfg: Config,
-                     stream: TrainStream, loop_config: dict) -> None:
+                     stream: RayDataStream | TrainStream, loop_config: dict) -> None:
     train_state = {
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
@@ -211,11 +226,9 @@ def train_worker(loop_config: dict) -> dict:
         model = torch.compile(model)
 
     data = loop_config["dataset"]
-    train_shards = [Shard(Path(p), f, n) for p, f, n in data["train_shards"]]
-    val_shards = [Shard(Path(p), f, n) for p, f, n in data["val_shards"]]
-    stream = TrainStream(train_shards, seed=cfg.data.seed, global_batch=cfg.train.global_batch_size,
-                         micro_batch=cfg.train.micro_batch_size, rank=rank, world_size=world,
-                         vocab_size=cfg.model.vocab_size)
+    train_shards = [Shard(p, f, n) for p, f, n in data["train_shards"]]
+    val_shards = [Shard(p, f, n) for p, f, n in data["val_shards"]]
+    stream = open_train_stream(cfg, train_shards, rank, world)
     fpt = raw_model.flops_per_token()
     # MFU's denominator, all workers together. Measured at the first report,
     # not here: on a 2-core CPU the probe shares the cores with the start-up

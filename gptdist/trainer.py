@@ -23,8 +23,11 @@ from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from data_pipeline import storage
+from data_pipeline.ingest import DATASET_NAME, RowOrderDataConfig, RowPlan, shard_listing
 from data_pipeline.manifest import manifest_hash, read_manifest
 from data_pipeline.prepare import ensure_dataset
+from data_pipeline.stream import Shard
 from gptdist import tracking
 from gptdist.checkpoint import check_shape, load_model_state, read_meta
 from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint
@@ -127,25 +130,42 @@ def scaling_config(cfg: Config) -> ScalingConfig:
 
 @dataclass
 class DatasetInfo:
-    path: Path
+    path: str  # an absolute local path or a URI
     manifest: dict
     manifest_sha256: str
 
-    def to_loop_config(self) -> dict[str, Any]:
-        def shards(split: str):
-            # ensure_dataset has already verified every shard against the manifest.
-            return [[str(self.path / split / s["file"]), s["first_row"], s["rows"]]
-                    for s in self.manifest["splits"][split]["shards"]]
+    def shards(self, split: str) -> list[Shard]:
+        # ensure_dataset has already verified every shard against the manifest.
+        return [Shard(storage.join(self.path, split, s["file"]), s["first_row"], s["rows"])
+                for s in self.manifest["splits"][split]["shards"]]
 
-        return {"path": str(self.path), "manifest_sha256": self.manifest_sha256,
-                "train_shards": shards("train"), "val_shards": shards("val")}
+    def to_loop_config(self) -> dict[str, Any]:
+        def listing(split: str):
+            return [[s.path, s.first_row, s.rows] for s in self.shards(split)]
+
+        return {"path": self.path, "manifest_sha256": self.manifest_sha256,
+                "train_shards": listing("train"), "val_shards": listing("val")}
 
 
 def open_dataset(cfg: Config) -> DatasetInfo:
     """The prepared dataset, validated against its manifest and the model's
     block size (prepared first when it is the embedded default and absent)."""
-    path = ensure_dataset(cfg)
-    return DatasetInfo(Path(path).resolve(), read_manifest(path), manifest_hash(path))
+    path = storage.normalize(ensure_dataset(cfg))
+    return DatasetInfo(path, read_manifest(path), manifest_hash(path))
+
+
+def train_datasets(cfg: Config, dataset: DatasetInfo) -> dict[str, Any]:
+    """The `datasets` and `dataset_config` of the TorchTrainer: the train
+    split's shard listing, which RowOrderDataConfig turns into each rank's
+    rows (data_pipeline.ingest); nothing when workers read shards directly."""
+    if cfg.data.ingest != "ray_data":
+        return {}
+    plan = RowPlan(seed=cfg.data.seed, global_batch=cfg.train.global_batch_size,
+                   micro_batch=cfg.train.micro_batch_size, max_steps=cfg.train.max_steps,
+                   vocab_size=cfg.model.vocab_size)
+    run_folder = storage.join(storage_path(cfg), cfg.train.run_name)
+    return {"datasets": {DATASET_NAME: shard_listing(dataset.shards("train"))},
+            "dataset_config": RowOrderDataConfig(plan, run_folder, read_cpus=cfg.data.read_cpus)}
 
 
 class StorageError(OSError):
@@ -241,6 +261,7 @@ def build_trainer(cfg: Config, dataset: DatasetInfo, coordinator, extra_loop_con
         train_worker,
         train_loop_config=loop_config,
         scaling_config=scaling_config(cfg),
+        **train_datasets(cfg, dataset),
         run_config=RunConfig(
             name=cfg.train.run_name,
             storage_path=storage_path(cfg),

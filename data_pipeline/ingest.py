@@ -1,0 +1,221 @@
+"""Ray Data feeds the training workers, row for row as `stream` defines.
+
+The trainer is given the train split as a Ray Dataset (one item per shard:
+its location and row range) and `RowOrderDataConfig`. When the workers ask
+for their shard (`ray.train.get_dataset_shard("train")`), the config turns
+that listing into one Ray Dataset per rank:
+
+    items:  (epoch, shard, span of epoch-order positions in that shard)
+            for every shard the run still visits, from the resumed step on
+    map:    `RankRowReader` reads the shard with pyarrow (local disk or any
+            filesystem pyarrow reads: s3://, gs://, ...) and keeps the rows
+            of this rank, in epoch order, with their global row and step
+
+and the worker iterates it with `iter_torch_batches` (prefetching in the
+background, so reading overlaps the step). One micro-batch is one batch.
+
+The guarantees of `data_pipeline.stream` hold by construction:
+
+* Order and rank slicing are computed by the same functions
+  (`epoch_order`, `rank_of_position`), so a rank's rows are exactly the rows
+  `TrainStream` gives it, for any worker count.
+* Resume. Ray Data iterators cannot be checkpointed or sought
+  (ray-project/ray#37633, #48224), so nothing is skipped at run time: each
+  rank's dataset *starts* at the resumed step. The step is the one of the
+  checkpoint Ray Train hands the workers: Ray Train records it in its
+  checkpoint-manager snapshot in the run folder before it restarts workers
+  (after a worker failure) and restores from that same snapshot (a new
+  driver with the same run name), so the config reads it there. Every row
+  carries its step; the worker checks the first batch against the step its
+  checkpoint restored and stops with an error if they ever disagree.
+* No row is trained twice or skipped: positions are consumed in order,
+  `global_batch` per step, and the `N mod G` rows left at the end of an
+  epoch's order are dropped as `stream` states.
+
+Why not `read_parquet` + `streaming_split`: a streaming split deals blocks
+to workers by timing, and Ray Data may cut a Parquet file into several
+blocks, so neither which rows a rank trains nor where to restart could be
+known. Reading a shard per item keeps both exact; the read still runs in
+Ray Data tasks, in the background, from any filesystem.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import ray.data
+import ray.train
+
+from data_pipeline import storage
+from data_pipeline.stream import Shard, data_position, epoch_order, read_shard_tokens, steps_per_epoch
+
+# Ray Train's record of the checkpoints it registered; its
+# `latest_checkpoint_result` is the checkpoint it gives restarted workers.
+SNAPSHOT_NAME = "checkpoint_manager_snapshot.json"
+DATASET_NAME = "train"
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What decides which rows each rank trains at each step."""
+
+    seed: int
+    global_batch: int
+    micro_batch: int
+    max_steps: int
+    vocab_size: int | None = None
+
+
+def rank_of_position(positions: np.ndarray, global_batch: int, micro_batch: int, world_size: int) -> np.ndarray:
+    """Which rank trains each position of an epoch's order: the inverse of
+    `stream.rows_for_micro_step` (micro-step m of rank r holds the step's
+    slots [(m*W + r)*b, (m*W + r + 1)*b))."""
+    return ((positions % global_batch) // micro_batch) % world_size
+
+
+def rank_items(shards: list[Shard], plan: RowPlan, start_step: int) -> list[dict]:
+    """The spans of epoch-order positions the run still trains, from
+    `start_step` to `plan.max_steps`, cut at shard boundaries: one read
+    item each, in training order."""
+    spe = steps_per_epoch(shards, plan.global_batch)
+    items = []
+    step = start_step
+    while step < plan.max_steps:
+        epoch, j = divmod(step, spe)
+        last_step = min((epoch + 1) * spe, plan.max_steps)  # exclusive, in this epoch
+        begin, end = j * plan.global_batch, (last_step - epoch * spe) * plan.global_batch
+        rng = np.random.default_rng([plan.seed, epoch])
+        pos = 0
+        for k in rng.permutation(len(shards)):  # the shard order of epoch_order
+            lo, hi = max(begin, pos), min(end, pos + shards[k].rows)
+            if lo < hi:
+                items.append({"epoch": epoch, "shard": int(k), "begin": lo, "end": hi})
+            pos += shards[k].rows
+        step = last_step
+    return items
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_epoch_order(shards: tuple[Shard, ...], seed: int, epoch: int) -> np.ndarray:
+    return epoch_order(list(shards), seed, epoch)
+
+
+class RankRowReader:
+    """Ray Data map: one item (a span of one shard) -> this rank's rows of
+    it, in epoch order: `tokens` (n, T+1) uint16, `row`, `step`."""
+
+    def __init__(self, shards: list[Shard], plan: RowPlan, rank: int, world_size: int):
+        self.shards = tuple(shards)
+        self.plan = plan
+        self.rank = rank
+        self.world_size = world_size
+        self.steps_per_epoch = steps_per_epoch(shards, plan.global_batch)
+
+    def __call__(self, item: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        epoch, k = int(item["epoch"][0]), int(item["shard"][0])
+        positions = np.arange(int(item["begin"][0]), int(item["end"][0]))
+        positions = positions[rank_of_position(positions, self.plan.global_batch, self.plan.micro_batch,
+                                               self.world_size) == self.rank]
+        rows = _cached_epoch_order(self.shards, self.plan.seed, epoch)[positions]
+        shard = self.shards[k]
+        tokens = read_shard_tokens(shard.path, self.plan.vocab_size)[rows - shard.first_row]
+        return {
+            "tokens": tokens,
+            "row": rows,
+            "step": epoch * self.steps_per_epoch + positions // self.plan.global_batch,
+        }
+
+
+def rank_dataset(shards: list[Shard], plan: RowPlan, rank: int, world_size: int, start_step: int,
+                 read_cpus: float) -> ray.data.Dataset:
+    # Nothing left to train (resumed at max_steps): one empty span, so the
+    # dataset still has the columns the worker expects.
+    items = rank_items(shards, plan, start_step) or [{"epoch": 0, "shard": 0, "begin": 0, "end": 0}]
+    # One read per shard visit, by one reader actor that keeps the epoch's
+    # order: the shard is read once per rank, the order computed once per epoch.
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        RankRowReader, fn_constructor_args=(shards, plan, rank, world_size), batch_size=1,
+        concurrency=1, num_cpus=read_cpus)
+
+
+def shard_listing(shards: list[Shard]) -> ray.data.Dataset:
+    """The train split as the trainer's dataset: one item per shard."""
+    return ray.data.from_items([{"path": s.path, "first_row": s.first_row, "rows": s.rows} for s in shards])
+
+
+def resumed_step(run_folder: str | None) -> int:
+    """The step of the checkpoint Ray Train will hand the workers: the
+    latest one in its checkpoint-manager snapshot (0 with none)."""
+    if run_folder is None:
+        return 0
+    snapshot = storage.join(run_folder, SNAPSHOT_NAME)
+    if not storage.is_file(snapshot):
+        return 0
+    latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result")
+    if not latest:
+        return 0
+    return int(latest["metrics"]["step"])
+
+
+class RowOrderDataConfig(ray.train.DataConfig):
+    """Gives each rank its own dataset of exactly its rows, starting at the
+    resumed step (see the module docstring), instead of splitting one
+    dataset among the workers."""
+
+    def __init__(self, plan: RowPlan, run_folder: str | None, read_cpus: float = 0.25):
+        super().__init__(datasets_to_split=[DATASET_NAME])
+        self.plan = plan
+        self.run_folder = run_folder
+        self.read_cpus = read_cpus
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        listing = datasets[DATASET_NAME].take_all()
+        shards = [Shard(r["path"], int(r["first_row"]), int(r["rows"])) for r in listing]
+        start = resumed_step(self.run_folder)
+        output = []
+        for rank in range(world_size):
+            ds = rank_dataset(shards, self.plan, rank, world_size, start, self.read_cpus)
+            options = self._resolve_execution_options(DATASET_NAME)
+            options.preserve_order = True  # the rows' order is the training order
+            ds.context.execution_options = options
+            ds.set_name(f"{DATASET_NAME}-rank{rank}")
+            output.append({DATASET_NAME: ds.iterator()})
+        return output
+
+
+class DataStreamMismatch(RuntimeError):
+    pass
+
+
+class RayDataStream:
+    """A worker's micro-batches, step by step, from its Ray Data iterator
+    (the same interface as `stream.TrainStream`)."""
+
+    def __init__(self, iterator, shards: list[Shard], *, global_batch: int, micro_batch: int, world_size: int,
+                 prefetch_batches: int):
+        self.global_batch = global_batch
+        self.steps_per_epoch = steps_per_epoch(shards, global_batch)
+        self.accumulation = global_batch // (micro_batch * world_size)
+        self._batches = iter(iterator.iter_torch_batches(batch_size=micro_batch, prefetch_batches=prefetch_batches))
+
+    def position(self, step: int) -> dict[str, int]:
+        return data_position(step, self.steps_per_epoch, self.global_batch)
+
+    def micro_batches(self, step: int):
+        """Yield (row indices, int64 tokens (b, T+1)) for each micro-step of
+        `step`; the rows must be the ones planned for that step."""
+        for _ in range(self.accumulation):
+            batch = next(self._batches, None)
+            if batch is None:
+                raise DataStreamMismatch(f"the data stream ended before step {step}")
+            steps = batch["step"]
+            if int(steps.min()) != step or int(steps.max()) != step:
+                raise DataStreamMismatch(
+                    f"the data stream is at step {int(steps.min())}, training at step {step}: the dataset "
+                    "was built for another resume point than the checkpoint restored"
+                )
+            yield batch["row"].numpy(), batch["tokens"].long()
