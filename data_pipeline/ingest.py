@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,7 +132,7 @@ class RankRowReader:
 
 
 def rank_dataset(shards: list[Shard], plan: RowPlan, rank: int, world_size: int, start_step: int,
-                 read_cpus: float) -> ray.data.Dataset:
+                 read_cpus: float, env: dict[str, str] | None = None) -> ray.data.Dataset:
     # Nothing left to train (resumed at max_steps): one empty span, so the
     # dataset still has the columns the worker expects.
     items = rank_items(shards, plan, start_step) or [{"epoch": 0, "shard": 0, "begin": 0, "end": 0}]
@@ -139,7 +140,7 @@ def rank_dataset(shards: list[Shard], plan: RowPlan, rank: int, world_size: int,
     # order: the shard is read once per rank, the order computed once per epoch.
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         RankRowReader, fn_constructor_args=(shards, plan, rank, world_size), batch_size=1,
-        concurrency=1, num_cpus=read_cpus)
+        concurrency=1, num_cpus=read_cpus, **({"runtime_env": {"env_vars": env}} if env else {}))
 
 
 def shard_listing(shards: list[Shard]) -> ray.data.Dataset:
@@ -166,19 +167,25 @@ class RowOrderDataConfig(ray.train.DataConfig):
     resumed step (see the module docstring), instead of splitting one
     dataset among the workers."""
 
-    def __init__(self, plan: RowPlan, run_folder: str | None, read_cpus: float = 0.25):
+    def __init__(self, plan: RowPlan, run_folder: str | None, read_cpus: float = 0.25,
+                 env: dict[str, str] | None = None):
         super().__init__(datasets_to_split=[DATASET_NAME])
         self.plan = plan
         self.run_folder = run_folder
         self.read_cpus = read_cpus
+        # The driver's object-store endpoint (storage.endpoint_env): this
+        # config runs in a Ray actor, its readers in Ray tasks, neither of
+        # which sees the driver's shell.
+        self.env = env or {}
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        os.environ.update(self.env)  # an actor of Ray Train's own, for the datasets alone
         listing = datasets[DATASET_NAME].take_all()
         shards = [Shard(r["path"], int(r["first_row"]), int(r["rows"])) for r in listing]
         start = resumed_step(self.run_folder)
         output = []
         for rank in range(world_size):
-            ds = rank_dataset(shards, self.plan, rank, world_size, start, self.read_cpus)
+            ds = rank_dataset(shards, self.plan, rank, world_size, start, self.read_cpus, self.env)
             options = self._resolve_execution_options(DATASET_NAME)
             options.preserve_order = True  # the rows' order is the training order
             ds.context.execution_options = options

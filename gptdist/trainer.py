@@ -29,7 +29,7 @@ from data_pipeline.manifest import manifest_hash, read_manifest
 from data_pipeline.prepare import ensure_dataset
 from data_pipeline.stream import Shard
 from gptdist import tracking
-from gptdist.checkpoint import check_shape, load_model_state, read_meta
+from gptdist.checkpoint import MODEL_FILE, check_shape, read_meta, verify_file
 from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint
 from gptdist.config import Config, ConfigError, flatten
 from gptdist.model import GPT
@@ -165,7 +165,8 @@ def train_datasets(cfg: Config, dataset: DatasetInfo) -> dict[str, Any]:
                    vocab_size=cfg.model.vocab_size)
     run_folder = storage.join(storage_path(cfg), cfg.train.run_name)
     return {"datasets": {DATASET_NAME: shard_listing(dataset.shards("train"))},
-            "dataset_config": RowOrderDataConfig(plan, run_folder, read_cpus=cfg.data.read_cpus)}
+            "dataset_config": RowOrderDataConfig(plan, run_folder, read_cpus=cfg.data.read_cpus,
+                                                 env=storage.endpoint_env())}
 
 
 class StorageError(OSError):
@@ -174,10 +175,17 @@ class StorageError(OSError):
 
 def check_storage(cfg: Config, num_params: int) -> None:
     """A runs folder that cannot take a checkpoint fails now, not after the
-    first hour of training. Estimate: weights + AdamW moments in fp32."""
-    path = storage_path(cfg)
-    if "://" in path:
-        return  # remote storage: Ray reports its own errors
+    first hour of training. Estimate: weights + AdamW moments in fp32.
+    Object storage gets a write probe; it has no free space to check."""
+    path = storage.normalize(storage_path(cfg))
+    if storage.is_uri(path):
+        probe = storage.join(path, f".write-probe-{os.getpid()}")
+        try:
+            storage.write_bytes(probe, b"0")
+            storage.delete(probe)
+        except OSError as e:
+            raise StorageError(f"ray.storage_path={path} is not writable: {e}") from None
+        return
     needed = num_params * 4 * 3 * 2  # one checkpoint being written beside the latest kept
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -196,14 +204,18 @@ def check_storage(cfg: Config, num_params: int) -> None:
 
 def check_resume_compatible(cfg: Config, dataset: DatasetInfo) -> None:
     """When the run name already has checkpoints, they must be this model's
-    shape, global batch and dataset: checked before any worker starts."""
-    path = storage_path(cfg)
-    run_dir = Path(path) / cfg.train.run_name
-    if "://" in path or not checkpoint_folders(run_dir):
-        return
+    shape, global batch and dataset: checked before any worker starts
+    (reading only meta.json and the weights' sha256, also in object storage)."""
+    path = storage.normalize(storage_path(cfg))
+    run_dir = storage.join(path, cfg.train.run_name)
+    try:
+        if not checkpoint_folders(run_dir):
+            return
+    except storage.StorageError as e:
+        raise StorageError(f"ray.storage_path={path} cannot be read: {e}") from None
     latest = latest_ray_checkpoint(run_dir)
-    load_model_state(latest)  # verifies the sha256 of the weights
     meta = read_meta(latest)
+    verify_file(latest, MODEL_FILE, meta)
     check_shape(cfg.model.to_gpt_config(), meta, str(latest))
     if meta["global_batch_size"] != cfg.train.global_batch_size:
         raise ConfigError(
@@ -238,7 +250,11 @@ WORKER_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**6
 
 
 def worker_runtime_env(cfg: Config) -> dict:
-    return {"env_vars": dict(WORKER_MALLOC_ENV)} if cfg.ray.worker_keeps_freed_memory else {}
+    """The workers' environment: the malloc settings above, and the driver's
+    object-store endpoint (AWS_ENDPOINT_URL, region), so that workers and
+    their Ray Data readers reach the bucket the driver verified."""
+    env = {**(WORKER_MALLOC_ENV if cfg.ray.worker_keeps_freed_memory else {}), **storage.endpoint_env()}
+    return {"env_vars": env} if env else {}
 
 
 # Ray Train reads its controller's poll interval only from this variable (it
@@ -345,7 +361,12 @@ def train_main(cfg: Config, force_local: bool = False, extra_loop_config: dict |
 
 def finish_training(cfg: Config, result, client, run_id) -> dict[str, Any]:
     checkpoint_dir = result.checkpoint.path if result.checkpoint else None
-    meta = read_meta(checkpoint_dir) if checkpoint_dir and "://" not in checkpoint_dir else {}
+    if checkpoint_dir and storage.is_uri(storage_path(cfg)):
+        # Ray gives the path inside its filesystem ("bucket/key"): the URI
+        # has the storage path's scheme.
+        scheme = storage_path(cfg).partition("://")[0]
+        checkpoint_dir = storage.normalize(f"{scheme}://{checkpoint_dir}")
+    meta = read_meta(checkpoint_dir) if checkpoint_dir else {}
     returned = result.return_value or {}
     summary = {
         "run_name": cfg.train.run_name,
