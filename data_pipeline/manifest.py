@@ -1,17 +1,19 @@
 """The dataset manifest, and validation of a prepared dataset against it.
 
-A prepared dataset is a folder:
+A prepared dataset is a folder, local or in object storage (see `storage`):
 
     DIR/manifest.json
     DIR/train/shard-00000.parquet ...
     DIR/val/shard-00000.parquet ...
 
-`manifest.json` is written last, into a staging folder that is renamed into
-place, so a folder with a manifest is a complete dataset unless something
-changed it afterwards, which `verify_split` detects: a missing or extra
-shard, a row count or sha256 that differs from the manifest, a block size
-other than the model's, or a tokenizer other than ours. Every such problem
-is a `DatasetError` naming the shard or the two values.
+`manifest.json` is written last (see `prepare` for how that is atomic on
+each kind of storage), so a folder with a manifest is a complete dataset
+unless something changed it afterwards, which `verify_split` detects: a
+missing or extra shard, a row count or sha256 that differs from the
+manifest, a block size other than the model's, or a tokenizer other than
+ours. Every such problem is a `DatasetError` naming the shard (its full
+path or URI) or the two values; storage that cannot be reached or read is a
+`DatasetUnavailableError` naming the URI.
 
 Example manifest (abridged):
 
@@ -37,18 +39,23 @@ Example manifest (abridged):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gptdist.digest import sha256_file
+from data_pipeline import storage
 from gptdist.tokenizer import TOKENIZER_NAME, vocab_hashes
 
 MANIFEST_NAME = "manifest.json"
+# In object storage, present while `prepare` rebuilds the folder in place:
+# marks it as ours (to be rebuilt) while it holds no manifest.
+PREPARING_NAME = "preparing.json"
 FORMAT = "gptdist-tokens"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -61,33 +68,62 @@ class DatasetError(ValueError):
     the model; or an output folder is not one of our datasets."""
 
 
+class DatasetUnavailableError(DatasetError):
+    """The storage holding a dataset cannot be reached or refuses access."""
+
+
+@contextlib.contextmanager
+def storage_errors(doing: str = "") -> Iterator[None]:
+    """Storage failures as DatasetUnavailableError, also when a Ray task
+    met them. The message names the URI, after `doing` if given."""
+    try:
+        yield
+    except Exception as e:
+        cause = getattr(e, "cause", None) or e  # a Ray task's error carries the original
+        if isinstance(cause, storage.StorageError):
+            raise DatasetUnavailableError(f"{doing}: {cause}" if doing else str(cause)) from None
+        raise
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
-def write_manifest(data_dir: Path, manifest: dict[str, Any]) -> None:
-    (Path(data_dir) / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+def write_manifest(data_dir: str | Path, manifest: dict[str, Any]) -> None:
+    storage.write_bytes(storage.join(data_dir, MANIFEST_NAME), (json.dumps(manifest, indent=2) + "\n").encode())
 
 
-def is_dataset_folder(path: str | Path) -> bool:
-    """Whether `path` holds a manifest of ours (complete or not, any
-    version): a folder we may replace with --overwrite."""
-    try:
-        return json.loads((Path(path) / MANIFEST_NAME).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+def is_dataset_folder(location: str | Path) -> bool:
+    """Whether `location` holds a manifest of ours (complete or not, any
+    version) or the marker of a preparation of ours: a folder we may
+    replace with --overwrite."""
+    for name in (MANIFEST_NAME, PREPARING_NAME):
+        try:
+            if json.loads(storage.read_bytes(storage.join(location, name))).get("format") == FORMAT:
+                return True
+        except storage.StorageError:
+            raise
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     """The manifest of a prepared dataset; DatasetError if the folder has
     none or it is not ours."""
-    path = Path(data_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise DatasetError(
-            f"{data_dir} is not a prepared dataset (no {MANIFEST_NAME}); run `gptdist prepare`"
-        )
+    data_dir = storage.normalize(data_dir)
+    path = storage.join(data_dir, MANIFEST_NAME)
+    with storage_errors():
+        if not storage.is_file(path):
+            bucket = storage.root(data_dir)
+            if storage.is_uri(data_dir) and not storage.exists(bucket):
+                raise DatasetError(f"{data_dir} is not a prepared dataset: {bucket} does not exist")
+            raise DatasetError(
+                f"{data_dir} is not a prepared dataset (no {MANIFEST_NAME}); run `gptdist prepare`"
+            )
+        data = storage.read_bytes(path)
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -127,55 +163,62 @@ def check_block_size(manifest: dict[str, Any], block_size: int | None, where: An
 
 def verify_split(
     data_dir: str | Path, split: str, block_size: int | None = None, checksums: bool = True
-) -> list[Path]:
-    """The shard paths of `split` in row order, after checking them against
-    the manifest: tokenizer, block size, the exact set of shard files, each
-    shard's row count (from the Parquet footer) and, with `checksums`, its
-    sha256. Any mismatch is a DatasetError naming the shard."""
-    data_dir = Path(data_dir)
+) -> list[str]:
+    """The shard locations of `split` in row order (absolute paths, or URIs
+    in object storage), after checking them against the manifest:
+    tokenizer, block size, the exact set of shard files, each shard's row
+    count (from the Parquet footer) and, with `checksums`, its sha256. Any
+    mismatch is a DatasetError naming the shard."""
+    data_dir = storage.normalize(data_dir)
     manifest = read_manifest(data_dir)
     check_tokenizer(manifest, data_dir)
     check_block_size(manifest, block_size, data_dir)
     if split not in manifest["splits"]:
         raise DatasetError(f"{data_dir} has no split {split!r} (splits: {list(manifest['splits'])})")
     entry = manifest["splits"][split]
-    split_dir = data_dir / split
-    _check_shard_set(split_dir, [s["file"] for s in entry["shards"]])
-    paths = []
+    split_dir = storage.join(data_dir, split)
+    locations = []
     next_row = 0
-    for shard in entry["shards"]:
-        path = split_dir / shard["file"]
-        if shard["first_row"] != next_row:
-            raise DatasetError(f"{path}: manifest says first row {shard['first_row']}, expected {next_row}")
-        _check_shard(path, shard, manifest["row_length"], checksums)
-        next_row += shard["rows"]
-        paths.append(path)
+    with storage_errors():
+        _check_shard_set(split_dir, [s["file"] for s in entry["shards"]])
+        for shard in entry["shards"]:
+            location = storage.join(split_dir, shard["file"])
+            if shard["first_row"] != next_row:
+                raise DatasetError(
+                    f"{location}: manifest says first row {shard['first_row']}, expected {next_row}"
+                )
+            _check_shard(location, shard, manifest["row_length"], checksums)
+            next_row += shard["rows"]
+            locations.append(location)
     if next_row != entry["rows"]:
         raise DatasetError(f"{split_dir}: shards hold {next_row} rows, the manifest says {entry['rows']}")
-    return paths
+    return locations
 
 
-def _check_shard_set(split_dir: Path, expected: list[str]) -> None:
-    if not split_dir.is_dir():
+def _check_shard_set(split_dir: str, expected: list[str]) -> None:
+    present = set(storage.list_names(split_dir))
+    if not present and not storage.exists(split_dir):
         raise DatasetError(f"{split_dir} is missing")
-    present = {p.name for p in split_dir.iterdir()}
     for name in expected:
         if name not in present:
-            raise DatasetError(f"shard {split_dir / name} is missing")
+            raise DatasetError(f"shard {storage.join(split_dir, name)} is missing")
     for name in sorted(present - set(expected)):
-        raise DatasetError(f"{split_dir / name} is not in the manifest (an extra file)")
+        raise DatasetError(f"{storage.join(split_dir, name)} is not in the manifest (an extra file)")
 
 
-def _check_shard(path: Path, shard: dict[str, Any], row_length: int, checksums: bool) -> None:
+def _check_shard(location: str, shard: dict[str, Any], row_length: int, checksums: bool) -> None:
     try:
-        meta = pq.read_metadata(path)
+        with storage.open_input_file(location) as f:
+            meta = pq.read_metadata(f)
         schema = meta.schema.to_arrow_schema()
+    except storage.StorageError:
+        raise
     except (pa.ArrowException, OSError) as e:
-        raise DatasetError(f"shard {path} is unreadable (truncated or altered?): {e}") from None
+        raise DatasetError(f"shard {location} is unreadable (truncated or altered?): {e}") from None
     if meta.num_rows != shard["rows"]:
-        raise DatasetError(f"shard {path} has {meta.num_rows} rows, the manifest says {shard['rows']}")
+        raise DatasetError(f"shard {location} has {meta.num_rows} rows, the manifest says {shard['rows']}")
     tokens = schema.field("tokens").type if "tokens" in schema.names else None
     if not (pa.types.is_fixed_size_list(tokens) and tokens.list_size == row_length):
-        raise DatasetError(f"shard {path}: column 'tokens' is {tokens}, expected {row_length} tokens per row")
-    if checksums and sha256_file(path) != shard["sha256"]:
-        raise DatasetError(f"shard {path} has a sha256 that differs from the manifest (altered?)")
+        raise DatasetError(f"shard {location}: column 'tokens' is {tokens}, expected {row_length} tokens per row")
+    if checksums and storage.sha256(location) != shard["sha256"]:
+        raise DatasetError(f"shard {location} has a sha256 that differs from the manifest (altered?)")

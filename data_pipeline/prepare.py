@@ -15,9 +15,20 @@ Pipeline:
    rows and the shards follow from those alone (see `packing`).
 4. Assemble and write: one Ray task per shard gathers, from the tokenized
    blocks, the document pieces of its row range, cuts them into rows,
-   writes `<split>/shard-NNNNN.parquet` with pyarrow and hashes it.
-5. Commit: everything is written into a sibling `DIR.tmp-<pid>`, the
-   manifest last, and the folder is renamed to DIR.
+   hashes the Parquet bytes and writes `<split>/shard-NNNNN.parquet`
+   through the pyarrow filesystem of DIR (see `storage`).
+5. Commit, the manifest last. A local DIR: everything is written into a
+   sibling `DIR.tmp-<pid>`, which is renamed to DIR. A URI (`s3://`,
+   `gs://`): object storage has no rename, so the dataset is rebuilt in
+   place, in this order: (a) `preparing.json` is written, marking the
+   prefix as ours while it holds no manifest; (b) an old `manifest.json`
+   is deleted, so from here on readers see "not a prepared dataset";
+   (c) every other object under DIR is deleted, so no stale shard of an
+   older dataset (say, one with more shards) is left to fail verification
+   as an extra file; (d) the shards are written; (e) `manifest.json` is
+   written in one PUT, which is atomic: the commit; (f) `preparing.json`
+   is deleted. Nothing is deleted before the corpus has been tokenized and
+   planned, so bad input leaves an existing dataset as it was.
 
 Guarantees:
 
@@ -27,10 +38,14 @@ Guarantees:
 - An interrupted run leaves at most a `DIR.tmp-<pid>` folder (or, killed
   between the two renames of an overwrite, a `DIR.old-<pid>`), which is
   never taken for a dataset; DIR is either absent, the previous dataset, or
-  the new complete one.
+  the new complete one. In object storage an interrupted run leaves DIR
+  without a manifest (the previous dataset is gone once step (b) ran), and
+  `preparing.json` says the next run may rebuild it without `overwrite`.
 - Ray workers read the source files and write the shards themselves, so on
-  a multi-node cluster both must be on storage every node sees (NFS); the
-  paths are local filesystem paths, not s3:// URIs.
+  a multi-node cluster the sources must be on storage every node sees
+  (NFS), and DIR there or in object storage every node reaches. When
+  `prepare` joins a cluster itself (RAY_ADDRESS), the workers are given
+  this process's `AWS_ENDPOINT_URL` and region.
 - Preparing into a folder that already holds this same dataset is a no-op
   unless `overwrite`. A folder holding a dataset made with other settings,
   or a damaged one, is replaced only with `overwrite`. A folder holding
@@ -41,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -57,15 +73,18 @@ import pyarrow.parquet as pq
 import ray
 
 import gptdist
+from data_pipeline import storage
 from data_pipeline.manifest import (
     FORMAT,
     FORMAT_VERSION,
+    MANIFEST_NAME,
+    PREPARING_NAME,
     SPLITS,
     DatasetError,
     is_dataset_folder,
     read_manifest,
-    sha256_file,
     shard_name,
+    storage_errors,
     verify_split,
     write_manifest,
 )
@@ -115,33 +134,36 @@ def prepare_dataset(
     Raises SourceError for bad input, DatasetError for an output folder that
     cannot be used."""
     request = _request(sources, block_size, val_fraction, text_column)
-    out = Path(out_dir).expanduser().resolve()
-    existing = _existing_dataset(out, request, overwrite)
+    out = storage.normalize(out_dir)
+    with storage_errors(f"cannot prepare {out}"):
+        existing = _existing_dataset(out, request, overwrite)
     if existing is not None:
         print(f"{out} already holds this dataset; nothing to do (--overwrite rebuilds it)")
         return existing
     files = resolve_sources(request["sources"], text_column)
     rows_per_shard = rows_per_shard or max(1, SHARD_BYTES // ((block_size + 1) * TOKEN_DTYPE.itemsize))
-    with ray_session(num_cpus=num_cpus):
+    with ray_session(num_cpus=num_cpus, uses_object_storage=storage.is_uri(out)):
         started = time.perf_counter()
-        staging = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-        try:
-            manifest = _build(files, staging, request, rows_per_shard, num_blocks, concurrency)
-            _move_into_place(staging, out)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        planned = _plan(files, request, rows_per_shard, num_blocks, concurrency)
+        with storage_errors(f"cannot prepare {out}"):
+            if storage.is_uri(out):
+                manifest = _write_in_place(planned, out)
+            else:
+                manifest = _write_staged(planned, Path(out))
         seconds = time.perf_counter() - started
     print_summary(out, manifest, seconds)
     return manifest
 
 
-def ensure_dataset(cfg, *, checksums: bool = True) -> Path:
-    """The absolute path of `cfg.data.path`, verified for the model's block
-    size. A missing dataset is prepared first when the sources are the
-    embedded default ["shakespeare"]; otherwise it is a DatasetError telling
-    the user to run `gptdist prepare`."""
-    path = Path(cfg.data.path).expanduser().resolve()
-    if not path.exists():
+def ensure_dataset(cfg, *, checksums: bool = True) -> str:
+    """`cfg.data.path` normalized (an absolute path, or a URI), verified for
+    the model's block size. A missing dataset is prepared first when the
+    sources are the embedded default ["shakespeare"]; otherwise it is a
+    DatasetError telling the user to run `gptdist prepare`."""
+    path = storage.normalize(cfg.data.path)
+    with storage_errors(f"cannot open dataset {path}"):
+        present = storage.exists(path)
+    if not present:
         if list(cfg.data.sources) != ["shakespeare"]:
             raise DatasetError(
                 f"dataset {path} does not exist; prepare it with "
@@ -187,15 +209,18 @@ def main_from_args(args) -> int:
 
 
 @contextlib.contextmanager
-def ray_session(num_cpus: int | None = None) -> Iterator[None]:
+def ray_session(num_cpus: int | None = None, uses_object_storage: bool = False) -> Iterator[None]:
     """Use the Ray this process already runs; otherwise connect to
     RAY_ADDRESS if set, else start a local Ray (the only case `num_cpus`
-    applies to). Shuts down only a Ray it started or connected to."""
+    applies to). Shuts down only a Ray it started or connected to.
+    A local Ray's workers inherit this process's environment; a cluster's
+    do not, so with `uses_object_storage` they are given its endpoint."""
     if ray.is_initialized():
         yield
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+        env = storage.endpoint_env() if uses_object_storage else {}
+        ray.init(log_to_driver=False, runtime_env={"env_vars": env} if env else None)
     else:
         # address="local": a new Ray of our own, not a cluster recorded in
         # /tmp/ray by some other process on this machine.
@@ -224,11 +249,15 @@ def _request(sources, block_size: int, val_fraction: float, text_column: str) ->
     }
 
 
-def _existing_dataset(out: Path, request: dict[str, Any], overwrite: bool) -> dict | None:
+def _existing_dataset(out: str, request: dict[str, Any], overwrite: bool) -> dict | None:
     """The manifest if `out` already holds the requested dataset (and not
     `overwrite`); None if `out` may be (re)built. Refuses a folder that is
-    not ours, and without `overwrite` one holding another or damaged dataset."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    not ours, and without `overwrite` one holding another or damaged
+    dataset. An unfinished preparation of ours in object storage is rebuilt."""
+    bucket = storage.root(out)
+    if storage.is_uri(out) and not storage.exists(bucket):
+        raise DatasetError(f"cannot prepare {out}: {bucket} does not exist (create the bucket first)")
+    if not storage.exists(out) or (not storage.is_file(out) and not storage.list_names(out)):
         return None
     if not is_dataset_folder(out):
         raise DatasetError(
@@ -236,6 +265,9 @@ def _existing_dataset(out: Path, request: dict[str, Any], overwrite: bool) -> di
             "(choose another --out, or remove it yourself)"
         )
     if overwrite:
+        return None
+    if not storage.is_file(storage.join(out, MANIFEST_NAME)):
+        print(f"{out} holds an unfinished preparation (no {MANIFEST_NAME}); rebuilding it")
         return None
     try:
         for split in SPLITS:
@@ -249,6 +281,35 @@ def _existing_dataset(out: Path, request: dict[str, Any], overwrite: bool) -> di
                 f"{out} holds a dataset prepared with {key}={manifest.get(key)!r}, "
                 f"not {request[key]!r}; --overwrite replaces it"
             )
+    return manifest
+
+
+def _write_staged(planned: _Plan, out: Path) -> dict[str, Any]:
+    """A local DIR: write everything into a sibling staging folder, then
+    rename it into place."""
+    staging = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)  # a leftover of this same pid
+    try:
+        staging.mkdir(parents=True)
+        manifest = _write(planned, str(staging))
+        _move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _write_in_place(planned: _Plan, out: str) -> dict[str, Any]:
+    """Object storage: mark the prefix, clear it, write the shards, then
+    the manifest in one PUT (steps (a)-(f) of the module docstring)."""
+    marker = storage.join(out, PREPARING_NAME)
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    storage.write_bytes(marker, json.dumps({"format": FORMAT, "started_at": started}).encode())
+    storage.delete(storage.join(out, MANIFEST_NAME))
+    for name in storage.list_names(out):
+        if name != PREPARING_NAME:
+            storage.delete(storage.join(out, name))
+    manifest = _write(planned, out)
+    storage.delete(marker)
     return manifest
 
 
@@ -268,17 +329,30 @@ def _move_into_place(staging: Path, out: Path) -> None:
 # --- building -----------------------------------------------------------------
 
 
-def _build(
+@dataclass
+class _Plan:
+    """Everything decided before a byte is written: the tokenized blocks
+    (in Ray's object store), the document index, and each split's rows and
+    shards."""
+
+    request: dict[str, Any]
+    n_files: int
+    blocks: list
+    docs: DocumentIndex
+    plans: dict[str, SplitPlan]
+    method: str
+    shards: dict[str, list[tuple[int, int]]]
+
+
+def _plan(
     files: list[InputFile],
-    staging: Path,
     request: dict[str, Any],
     rows_per_shard: int,
     num_blocks: int | None,
     concurrency: int | None,
-) -> dict[str, Any]:
-    """Tokenize, plan, assemble and write into `staging`; the manifest last."""
-    shutil.rmtree(staging, ignore_errors=True)  # a leftover of this same pid
-    staging.mkdir(parents=True)
+) -> _Plan:
+    """Tokenize and plan; every error in the input shows here, before any
+    output is touched."""
     block_size = request["block_size"]
     with _source_errors_unwrapped():
         blocks = tokenize_files(files, request["text_column"], num_blocks, concurrency).to_arrow_refs()
@@ -291,9 +365,14 @@ def _build(
         raise SourceError(f"corpus too small: {e}") from None
     plans = {"train": train, "val": val}
     shards = {split: plan_shards(rows_in_stream(p.tokens, block_size), rows_per_shard) for split, p in plans.items()}
-    digests = write_shards(docs, blocks, plans, shards, staging, block_size)
-    manifest = _manifest(request, len(files), docs, plans, method, shards, digests)
-    write_manifest(staging, manifest)
+    return _Plan(request, len(files), blocks, docs, plans, method, shards)
+
+
+def _write(plan: _Plan, target: str) -> dict[str, Any]:
+    """Write the shards into `target` (a folder or a URI), the manifest last."""
+    digests = write_shards(plan.docs, plan.blocks, plan.plans, plan.shards, target, plan.request["block_size"])
+    manifest = _manifest(plan.request, plan.n_files, plan.docs, plan.plans, plan.method, plan.shards, digests)
+    write_manifest(target, manifest)
     return manifest
 
 
@@ -443,14 +522,16 @@ class DocumentIndex:
 # The task writes and hashes its own shard: handing the table back through
 # the object store to Ray Data's write_parquet cost a second pipeline start
 # and another copy of every token (on 21.6M tokens, 0.8 s of a 3.1 s
-# prepare), and the driver then hashed the files one after another.
+# prepare), and the driver then hashed the files one after another. The
+# bytes are hashed in memory before the one write, so a shard in object
+# storage is never read back.
 @ray.remote
 def write_shard(
-    path: str, first_row: int, n_rows: int, block_size: int, pieces: np.ndarray, *blocks: pa.Table
+    location: str, first_row: int, n_rows: int, block_size: int, pieces: np.ndarray, *blocks: pa.Table
 ) -> str:
     """Cut the shard's rows from the concatenated document pieces, write
-    them to `path` (`tokens` rows and `row`, their global indices) and
-    return the file's sha256."""
+    them to `location` (a path or a URI: `tokens` rows and `row`, their
+    global indices) and return the file's sha256."""
     token_lists = [b.column("tokens").combine_chunks() for b in blocks]
     offsets = [lists.offsets.to_numpy() for lists in token_lists]
     values = [lists.values.to_numpy() for lists in token_lists]
@@ -469,8 +550,11 @@ def write_shard(
     # dictionary encoding only costs time there. Measured on 10M Shakespeare
     # tokens: default (dictionary + snappy) 15.1 MB, written in 0.45 s, read
     # in 0.25 s; plain + zstd 13.3 MB, 0.17 s, 0.10 s.
-    pq.write_table(table, path, use_dictionary=False, compression="zstd")
-    return sha256_file(path)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, use_dictionary=False, compression="zstd")
+    data = sink.getvalue()
+    storage.write_bytes(location, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def arrow_array(values: np.ndarray) -> pa.Array:
@@ -480,18 +564,17 @@ def arrow_array(values: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
 
 
-def write_shards(docs: DocumentIndex, blocks: list, plans: dict, shards: dict, staging: Path,
+def write_shards(docs: DocumentIndex, blocks: list, plans: dict, shards: dict, target: str,
                  block_size: int) -> dict[str, list[str]]:
     """Every shard of every split, written in parallel as
-    `staging/<split>/shard-NNNNN.parquet`; returns their sha256s by split."""
+    `target/<split>/shard-NNNNN.parquet`; returns their sha256s by split."""
     refs = {}
     for split in SPLITS:
-        (staging / split).mkdir()
         refs[split] = []
         for k, (first, n) in enumerate(shards[split]):
             pieces, inputs = docs.shard_inputs(blocks, plans[split], first, n, block_size)
-            path = str(staging / split / shard_name(k))
-            refs[split].append(write_shard.remote(path, first, n, block_size, pieces, *inputs))
+            location = storage.join(target, split, shard_name(k))
+            refs[split].append(write_shard.remote(location, first, n, block_size, pieces, *inputs))
     return {split: ray.get(r) for split, r in refs.items()}
 
 
@@ -531,7 +614,7 @@ def _manifest(request, n_files, docs: DocumentIndex, plans, method, shards, dige
     }
 
 
-def print_summary(out: Path, manifest: dict[str, Any], seconds: float) -> None:
+def print_summary(out: str, manifest: dict[str, Any], seconds: float) -> None:
     """What was prepared, and how fast (Ray start-up excluded)."""
     print(
         f"prepared {out}: {manifest['documents']:,} documents from {manifest['files']:,} files, "

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import ray
 
+from data_pipeline import storage
 from data_pipeline.manifest import verify_split
 
 
 def open_split(data_dir: str | Path, split: str, block_size: int | None = None) -> ray.data.Dataset:
     """A Ray Dataset over the verified shards of `split` (see
     `manifest.verify_split`; a DatasetError names what is wrong)."""
-    paths = verify_split(data_dir, split, block_size=block_size)
-    return ray.data.read_parquet([str(p.resolve()) for p in paths], file_extensions=["parquet"])
+    locations = verify_split(data_dir, split, block_size=block_size)
+    filesystem, _ = storage.filesystem(data_dir)
+    return ray.data.read_parquet(locations, filesystem=filesystem, file_extensions=["parquet"])

@@ -68,10 +68,11 @@ def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
     if not is_uri(text):
         return pafs.LocalFileSystem(), text
     scheme, _, rest = text.partition("://")
-    if scheme == "s3" and "?" not in rest:
+    bucket = rest.split("/", 1)[0]
+    if scheme == "s3" and "?" not in rest and "@" not in bucket:  # not for options or credentials in the URI
         env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
         with _naming(text):
-            return _s3_filesystem(rest.split("/", 1)[0], env), rest
+            return _s3_filesystem(bucket, env), rest
     with _naming(text):
         return pafs.FileSystem.from_uri(text)
 

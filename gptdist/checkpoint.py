@@ -10,11 +10,14 @@ Everything loads with `torch.load(weights_only=True)`, so a checkpoint never
 unpickles arbitrary objects, and the sha256 check turns a tampered or
 truncated file into an error instead of silently wrong weights. A folder
 without a meta.json (a writer killed mid-way) is never taken for a
-checkpoint.
+checkpoint. Reading works on a folder in object storage too (a Ray run
+whose `ray.storage_path` is an `s3://` URI); writing is always local, Ray
+uploads the folder.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import asdict
@@ -23,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from data_pipeline import storage
 from gptdist.digest import sha256_file
 from gptdist.model import GPT, GPTConfig
 
@@ -71,16 +75,20 @@ def save_checkpoint(
 
 
 def read_meta(folder: str | Path) -> dict[str, Any]:
-    folder = Path(folder)
-    meta_path = folder / META_FILE
-    if not meta_path.is_file():
-        raise CheckpointError(
-            f"{folder} is not a complete checkpoint: {META_FILE} is missing "
-            "(an interrupted write, or not a checkpoint folder)"
-        )
+    """meta.json of a checkpoint folder (a path or a URI)."""
+    meta_path = storage.join(folder, META_FILE)
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+        if not storage.is_file(meta_path):
+            raise CheckpointError(
+                f"{folder} is not a complete checkpoint: {META_FILE} is missing "
+                "(an interrupted write, or not a checkpoint folder)"
+            )
+        text = storage.read_bytes(meta_path)
+    except storage.StorageError as e:
+        raise CheckpointError(str(e)) from None
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
@@ -90,31 +98,40 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _load_verified(folder: Path, name: str, meta: dict[str, Any]) -> Any:
-    path = folder / name
+def verify_file(folder: str | Path, name: str, meta: dict[str, Any]) -> str:
+    """The location of `name` in the checkpoint folder (a path or a URI),
+    after checking its sha256 against meta.json."""
+    path = storage.join(folder, name)
     expected = meta["files"].get(name)
-    if expected is None or not path.is_file():
-        raise CheckpointError(f"checkpoint {folder} has no {name}")
-    actual = sha256_file(path)
+    try:
+        if expected is None or not storage.is_file(path):
+            raise CheckpointError(f"checkpoint {folder} has no {name}")
+        actual = storage.sha256(path)
+    except storage.StorageError as e:
+        raise CheckpointError(str(e)) from None
     if actual != expected:
         raise CheckpointError(
             f"{path} has sha256 {actual} but {META_FILE} records {expected}: "
             "the file was altered or truncated"
         )
+    return path
+
+
+def _load_verified(folder: str | Path, name: str, meta: dict[str, Any]) -> Any:
+    path = verify_file(folder, name, meta)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
+        return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # an unpicklable object or a corrupt archive
         raise CheckpointError(f"{path} cannot be loaded safely (weights_only=True): {e}") from None
 
 
 def load_model_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    folder = Path(folder)
     meta = read_meta(folder)
     return _load_verified(folder, MODEL_FILE, meta), meta
 
 
 def load_train_state(folder: str | Path) -> dict[str, Any]:
-    folder = Path(folder)
     return _load_verified(folder, STATE_FILE, read_meta(folder))
 
 

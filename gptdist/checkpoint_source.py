@@ -4,15 +4,18 @@ Accepted, tried in this order:
     a path        a checkpoint folder (has meta.json), or a Ray Train run
                   folder holding `checkpoint_*` subfolders: the complete one
                   with the highest step is taken
+    a URI         the same in object storage (`s3://bucket/runs/ray/<name>`)
     runs:/<id>[/<artifact-path>]
                   the artifact folder (default `model`) of that MLflow run
     a run name    the latest MLflow run of that name in tracking.experiment
                   that logged a `model` artifact; failing that, the Ray
-                  checkpoints under {ray.storage_path}/{name}/
+                  checkpoints under {ray.storage_path}/{name}/ (a path or a URI)
 
-MLflow downloads are cached under {tracking.runs_dir}/downloads/<run-id>/,
-written to a temporary folder first, so an interrupted download is never
-mistaken for a checkpoint.
+Downloads are cached under {tracking.runs_dir}/downloads/: MLflow
+artifacts in <run-id>/, checkpoints from object storage in
+<scheme>/<bucket>/<key>/ (fetched again when their meta.json changed). Each
+is written to a temporary folder first and renamed into place, so an
+interrupted download is never mistaken for a checkpoint.
 
 `load_inference_state` / `load_inference_model` then load the weights for
 sample, eval and export, checking that model.pt has the shape meta.json
@@ -25,12 +28,14 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from data_pipeline import storage
 from gptdist.checkpoint import (
     META_FILE,
     CheckpointError,
@@ -62,7 +67,9 @@ def resolve_checkpoint(source: str, cfg: Config) -> Path:
 def resolve_source(source: str, cfg: Config) -> ResolvedCheckpoint:
     if source.startswith(RUNS_SCHEME):
         return _from_runs_uri(source, cfg)
-    path = Path(source).expanduser()
+    if storage.is_uri(source) and not source.startswith("file://"):
+        return _from_storage_uri(storage.normalize(source), cfg)
+    path = Path(source.removeprefix("file://")).expanduser()
     if path.exists():
         return _from_local_path(path)
     if "/" in source or source.startswith("."):
@@ -86,25 +93,85 @@ def _from_local_path(path: Path) -> ResolvedCheckpoint:
     )
 
 
-def checkpoint_folders(run_dir: Path) -> list[Path]:
+def checkpoint_folders(run_dir: str | Path) -> list:
     """Ray Train's `checkpoint_*` folders of a run, in name order (the
-    run folder also holds `checkpoint_manager_snapshot.json`)."""
-    return sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
+    run folder also holds `checkpoint_manager_snapshot.json`): Paths for a
+    local run folder, URIs for one in object storage."""
+    if not storage.is_uri(storage.normalize(run_dir)):
+        return sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
+    return [storage.join(run_dir, name) for name in storage.list_folders(run_dir)
+            if name.startswith("checkpoint_")]
 
 
-def latest_ray_checkpoint(run_dir: Path) -> Path:
-    """The complete `checkpoint_*` folder with the highest step. Folders
-    without a readable meta.json (a write cut short) are skipped."""
+def latest_ray_checkpoint(run_dir: str | Path):
+    """The complete `checkpoint_*` folder with the highest step (a Path, or
+    a URI in object storage). Folders without a readable meta.json (a
+    write cut short) are skipped."""
     candidates = []
     for folder in checkpoint_folders(run_dir):
         try:
             meta = read_meta(folder)
         except CheckpointError:
             continue
-        candidates.append((int(meta.get("step", -1)), folder.name, folder))
+        candidates.append((int(meta.get("step", -1)), str(folder).rsplit("/", 1)[-1], folder))
     if not candidates:
         raise CheckpointError(f"{run_dir} holds no complete checkpoint_* folder")
     return max(candidates)[2]
+
+
+# --- object storage ---------------------------------------------------------
+
+
+def _from_storage_uri(uri: str, cfg: Config) -> ResolvedCheckpoint:
+    try:
+        if storage.is_file(storage.join(uri, META_FILE)):
+            folder, origin = uri, f"checkpoint folder {uri}"
+        elif checkpoint_folders(uri):
+            folder, origin = latest_ray_checkpoint(uri), f"Ray run {uri}"
+        elif storage.exists(uri):
+            raise CheckpointError(
+                f"{uri} is neither a checkpoint folder ({META_FILE} missing) "
+                "nor a Ray Train run folder (no checkpoint_* subfolders)"
+            )
+        else:
+            raise CheckpointError(f"no checkpoint folder at {uri}")
+        local = download_storage_checkpoint(cfg, folder)
+    except storage.StorageError as e:
+        raise CheckpointError(str(e)) from None
+    return ResolvedCheckpoint(local, read_meta(local).get("mlflow_run_id"), origin)
+
+
+def download_storage_checkpoint(cfg: Config, uri: str) -> Path:
+    """A checkpoint folder in object storage, on local disk. A cached copy
+    is reused while its meta.json equals the stored one (Ray names a
+    checkpoint folder once, but a run folder may be deleted and reused)."""
+    scheme, _, key = uri.partition("://")
+    cache = runs_dir(cfg.tracking) / "downloads" / scheme / key
+    if (cache / META_FILE).is_file() and (cache / META_FILE).read_bytes() == storage.read_bytes(
+            storage.join(uri, META_FILE)):
+        return cache
+
+    def fetch(tmp: Path) -> Path:
+        storage.copy_folder(uri, tmp / "checkpoint")
+        return tmp / "checkpoint"
+
+    return _download_once(cache, fetch)
+
+
+def _download_once(cache: Path, fetch: Callable[[Path], Path]) -> Path:
+    """Fill `cache` with the checkpoint folder `fetch(tmp)` downloads into
+    a temporary sibling folder, renamed into place once complete."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache.parent))
+    try:
+        got = fetch(tmp)
+        if cache.exists():  # an incomplete or outdated earlier download
+            shutil.rmtree(cache)
+        Path(got).rename(cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    read_meta(cache)  # a folder holding something other than a checkpoint
+    return cache
 
 
 # --- MLflow -----------------------------------------------------------------
@@ -166,21 +233,8 @@ def download_run_artifact(cfg: Config, run_id: str, artifact_path: str) -> Path:
     cache = runs_dir(cfg.tracking) / "downloads" / run_id / artifact_path
     if (cache / META_FILE).is_file():
         return cache
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache.parent))
-    try:
-        got = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{RUNS_SCHEME}{run_id}/{artifact_path}",
-            tracking_uri=uri,
-            dst_path=str(tmp),
-        )
-        if cache.exists():  # an incomplete earlier download
-            shutil.rmtree(cache)
-        Path(got).rename(cache)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    read_meta(cache)  # a run that logged something other than a checkpoint
-    return cache
+    return _download_once(cache, lambda tmp: Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{RUNS_SCHEME}{run_id}/{artifact_path}", tracking_uri=uri, dst_path=str(tmp))))
 
 
 def find_run_by_name(cfg: Config, name: str) -> str | None:
@@ -211,9 +265,16 @@ def _from_run_name(name: str, cfg: Config) -> ResolvedCheckpoint:
     if run_id is not None:
         folder = download_run_artifact(cfg, run_id, DEFAULT_ARTIFACT_PATH)
         return ResolvedCheckpoint(folder, run_id, f"MLflow run {name!r} ({run_id})")
-    ray_dir = Path(cfg.ray.storage_path).expanduser().resolve() / name
-    if ray_dir.is_dir():
-        folder = latest_ray_checkpoint(ray_dir)
+    ray_dir = storage.join(storage.normalize(cfg.ray.storage_path), name)
+    if storage.is_uri(ray_dir):
+        try:
+            found = bool(checkpoint_folders(ray_dir))
+        except storage.StorageError as e:
+            raise CheckpointError(str(e)) from None
+        if found:
+            return _from_storage_uri(ray_dir, cfg)
+    elif Path(ray_dir).is_dir():
+        folder = latest_ray_checkpoint(Path(ray_dir))
         return ResolvedCheckpoint(
             folder, read_meta(folder).get("mlflow_run_id"), f"Ray run {ray_dir}"
         )

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import ray
 
-from support import BLOCK, free_port, start_mlflow_server, stop_process_group
+from support import (
+    BLOCK,
+    free_port,
+    start_mlflow_server,
+    start_s3_server,
+    stop_process_group,
+    write_tiny_corpus,
+)
+
+S3_BUCKET = "gptdist-test"
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +45,8 @@ def prepared_tiny_dataset(tmp_path_factory) -> Path:
     """About 60 rows of 64+1 tokens prepared by the real pipeline, once for
     the whole session (in a Ray of its own when none is running)."""
     from data_pipeline.prepare import prepare_dataset
-    from data_pipeline.sources import shakespeare_files
 
-    corpus = tmp_path_factory.mktemp("corpus")
-    paragraphs = shakespeare_files()[0].read_text()[:40_000].split("\n\n")
-    for i in range(12):
-        (corpus / f"doc{i:02d}.txt").write_text("\n\n".join(paragraphs[i::12]))
+    corpus = write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
     out = tmp_path_factory.mktemp("data") / "tiny"
     prepare_dataset([str(corpus)], out, block_size=BLOCK, val_fraction=0.1)
     return out
@@ -54,3 +60,37 @@ def mlflow_server(tmp_path_factory):
     proc = start_mlflow_server(root, port)
     yield f"http://127.0.0.1:{port}"
     stop_process_group(proc)
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """A real S3 API (`moto_server`) on 127.0.0.1 with an empty bucket;
+    yields the bucket's URI, `s3://gptdist-test`. For the module, the
+    standard AWS_* variables point pyarrow at it (restored afterwards), so
+    a Ray must be started after this fixture for its workers to see them."""
+    import pyarrow.fs as pafs
+
+    root = tmp_path_factory.mktemp("s3-server")
+    port = free_port()
+    proc = start_s3_server(root, port)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1",
+           # the machine's own settings would override ours
+           "AWS_ENDPOINT_URL_S3": None, "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None, "AWS_REGION": None}
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        set_env(env)
+        pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(S3_BUCKET)
+        yield f"s3://{S3_BUCKET}"
+    finally:
+        set_env(saved)
+        stop_process_group(proc)
+
+
+def set_env(values: dict[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

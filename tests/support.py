@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -40,6 +41,39 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError("mlflow server did not start:\n" + (root / "server.log").read_text()[-3000:])
             time.sleep(0.5)
+
+
+def start_s3_server(root: Path, port: int) -> subprocess.Popen:
+    """A real S3 API (`moto_server`, in memory) on 127.0.0.1:`port`, its
+    log in `root`; returns once it answers."""
+    log = root / "s3-server.log"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+            return proc
+        except urllib.error.HTTPError:  # any answer means it serves
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                stop_process_group(proc)
+                raise RuntimeError("moto_server did not start:\n" + log.read_text()[-3000:])
+            time.sleep(0.2)
+
+
+def write_tiny_corpus(folder: Path) -> Path:
+    """12 small text files cut from the first 40,000 characters of a play:
+    about 60 rows of 64+1 tokens once prepared."""
+    from data_pipeline.sources import shakespeare_files
+
+    paragraphs = shakespeare_files()[0].read_text()[:40_000].split("\n\n")
+    for i in range(12):
+        (folder / f"doc{i:02d}.txt").write_text("\n\n".join(paragraphs[i::12]))
+    return folder
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:

@@ -19,7 +19,6 @@ from data_pipeline.manifest import (
     DatasetError,
     manifest_hash,
     read_manifest,
-    sha256_file,
     verify_split,
 )
 from data_pipeline.packing import (
@@ -35,6 +34,7 @@ from data_pipeline.reader import open_split
 from data_pipeline.sources import SourceError, shakespeare_files, without_lone_surrogates
 from gptdist import cli
 from gptdist.config import load_config
+from gptdist.digest import sha256_file
 from gptdist.tokenizer import EOT_TOKEN, get_tokenizer, vocab_hashes
 
 BLOCK = 64
@@ -176,11 +176,11 @@ def test_identical_shards_whatever_the_parallelism(dataset, corpus, tmp_path):
     assert manifest_hash(other) == manifest_hash(dataset)
     for split in ("train", "val"):
         for a, b in zip(verify_split(dataset, split), verify_split(other, split), strict=True):
-            assert a.read_bytes() == b.read_bytes()
+            assert Path(a).read_bytes() == Path(b).read_bytes()
 
 
 def test_rerun_is_a_no_op_and_settings_change_needs_overwrite(dataset, corpus, capsys):
-    shard = verify_split(dataset, "train")[0]
+    shard = Path(verify_split(dataset, "train")[0])
     before = shard.stat().st_mtime_ns
     again = prepare_dataset(corpus["sources"], dataset, block_size=BLOCK, val_fraction=0.3, rows_per_shard=100)
     assert "nothing to do" in capsys.readouterr().out
