@@ -172,6 +172,9 @@ def run(func: Callable, args) -> int:
     except user_errors() as e:
         print(f"gptdist {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"gptdist {args.command}: interrupted", file=sys.stderr)
+        return 130  # the shell's code for a command ended by SIGINT
 
 
 def main(argv: list[str] | None = None) -> int:

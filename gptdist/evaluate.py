@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from gptdist.checkpoint import model_meta
 from gptdist.checkpoint_source import load_inference_state
 from gptdist.model import GPT, GPTConfig
+from gptdist.redaction import redact_text, redact_uri
 
 SOURCE_RUN_TAG = "gptdist.source_run_id"
 BATCHES_PER_BLOCK = 4
@@ -243,7 +244,8 @@ def eval_main(args) -> int:
     try:
         run_id = log_eval_run(cfg, result, args.source, resolved.run_id)
     except Exception as e:
-        print(f"gptdist eval: could not log to MLflow at {tracking_uri(cfg.tracking)}: {e}",
+        print(f"gptdist eval: could not log to MLflow at {redact_uri(tracking_uri(cfg.tracking))}: "
+              f"{redact_text(str(e))}",
               file=sys.stderr)
         return 1 if cfg.tracking.required else 0
     print(f"logged as MLflow run {run_id} in experiment '{cfg.tracking.experiment}'")

@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from gptdist.config import REPO_ROOT, TrackingConfig
+from gptdist.redaction import redact_text, redact_uri
 
 
 def runs_dir(tracking: TrackingConfig) -> Path:
@@ -52,6 +53,10 @@ log = logging.getLogger("gptdist.tracking")
 # minutes by default; a training run should notice in seconds and go on.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+# MLflow prints "View run ... at: <tracking URI>" at the end of each run,
+# the URI's credentials included; gptdist prints where to look itself,
+# redacted (trainer.print_summary).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 RUN_NAME_TAG = "gptdist.run_name"
 RUN_KIND_TAG = "gptdist.run_kind"
@@ -67,13 +72,30 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     not answer. Local stores (sqlite, file) need no check."""
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
+    request = health_request(uri)
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             if response.status != 200:
-                raise TrackingUnavailableError(f"MLflow tracking server {uri} answered {response.status} at /health")
-    except (urllib.error.URLError, OSError) as e:
-        raise TrackingUnavailableError(f"MLflow tracking server {uri} is unreachable: {e}") from None
+                raise TrackingUnavailableError(
+                    f"MLflow tracking server {redact_uri(uri)} answered {response.status} at /health")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {redact_uri(uri)} is unreachable: {redact_text(str(e))}") from None
+
+
+def health_request(uri: str) -> urllib.request.Request:
+    """GET <uri>/health; user info in the URI becomes a basic-auth header,
+    as MLflow's client sends it (urllib would take it for the host)."""
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri.rstrip("/") + "/health")
+    headers = {}
+    if parts.username is not None:
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urllib.request.Request(urlunsplit((parts.scheme, host, parts.path, parts.query, "")), headers=headers)
 
 
 def get_or_create_experiment(client: MlflowClient, tracking: TrackingConfig, uri: str, name: str | None = None) -> str:
@@ -138,17 +160,47 @@ def start_or_resume_run(
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
-    items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+    # Values are redacted: a URI param (tracking.uri, data.path) may carry a password.
+    items = [Param(k, redact_text(json.dumps(v) if isinstance(v, (list, dict)) else str(v))) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow's batch limit
         client.log_batch(run_id, params=items[i : i + 100])
 
 
+ERROR_TAG = "gptdist.error"
+INTERRUPTED_TAG = "gptdist.interrupted"
+
+
+def is_interruption(error: BaseException) -> bool:
+    """Ctrl-C: a KeyboardInterrupt, or the SystemExit that Ray Train's own
+    SIGINT handler raises in `fit()` after aborting the run."""
+    return isinstance(error, (KeyboardInterrupt, SystemExit))
+
+
 def finish_run(client: MlflowClient, run_id: str, error: BaseException | None = None) -> None:
+    """FINISHED (clearing the error or interruption of an earlier attempt:
+    the run went on to complete), KILLED for an interruption, else FAILED
+    with the error as a tag."""
+    tags = client.get_run(run_id).data.tags
     if error is None:
+        for key in (ERROR_TAG, INTERRUPTED_TAG):
+            if key in tags:
+                client.delete_tag(run_id, key)
         client.set_terminated(run_id, status="FINISHED")
         return
-    client.set_tag(run_id, "gptdist.error", f"{type(error).__name__}: {error}"[:5000])
+    if is_interruption(error):
+        client.set_tag(run_id, INTERRUPTED_TAG, "interrupted (Ctrl-C / SIGINT); the same command resumes it")
+        if ERROR_TAG in tags:
+            client.delete_tag(run_id, ERROR_TAG)
+        client.set_terminated(run_id, status="KILLED")
+        return
+    client.set_tag(run_id, ERROR_TAG, redact_text(f"{type(error).__name__}: {error}")[:5000])
     client.set_terminated(run_id, status="FAILED")
+
+
+def last_logged_step(client: MlflowClient, run_id: str, key: str = "train/loss") -> int:
+    """The highest step of `key` in the run's history (0 with none): where a
+    resumed run's coordinator picks up."""
+    return max((m.step for m in client.get_metric_history(run_id, key)), default=0)
 
 
 def plot_loss_curve(client: MlflowClient, run_id: str, out: Path) -> Path | None:
@@ -195,10 +247,14 @@ class MlflowCoordinator(ray.train.UserCallback):
 
     RETRY_AFTER_S = 30.0  # after a failure, drop reports without trying for this long
 
-    def __init__(self, tracking_uri: str, run_id: str, log_checkpoints: str):
+    def __init__(self, tracking_uri: str, run_id: str, log_checkpoints: str, logged_through: int = 0):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.log_checkpoints = log_checkpoints
+        # Steps up to this one are in the run's history already. A run
+        # resumed from a checkpoint retrains (bit-identically) the steps after
+        # it that an earlier attempt logged; each step is logged once.
+        self.logged_through = logged_through
         self.dropped = 0
         self._client = None
         self._down_until = 0.0
@@ -223,6 +279,10 @@ class MlflowCoordinator(ray.train.UserCallback):
             self.dropped += 1
             return
         step = int(report["step"])
+        for key, value in report.get("run_tags", {}).items():  # what only a worker knows
+            self.client.set_tag(self.run_id, key, value)
+        if step <= self.logged_through:
+            return
         now = int(time.time() * 1000)
         values = [
             Metric(key, float(value), now, step)
@@ -230,8 +290,7 @@ class MlflowCoordinator(ray.train.UserCallback):
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
         ]
         self.client.log_batch(self.run_id, metrics=values)
-        for key, value in report.get("run_tags", {}).items():  # what only a worker knows
-            self.client.set_tag(self.run_id, key, value)
+        self.logged_through = step
         if "sample" in report:
             self.client.log_text(self.run_id, report["sample"], f"samples/step_{step:08d}.txt")
         if checkpoint is not None and self.log_checkpoints == "all":
@@ -244,6 +303,6 @@ class MlflowCoordinator(ray.train.UserCallback):
         text = "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
                          for rank, error in sorted(worker_exceptions.items()))
         try:
-            self.client.set_tag(self.run_id, "gptdist.last_worker_error", text[:5000])
+            self.client.set_tag(self.run_id, "gptdist.last_worker_error", redact_text(text)[:5000])
         except Exception as e:
             log.warning("could not record a worker failure in MLflow: %s", e)

@@ -33,6 +33,7 @@ from gptdist.checkpoint import MODEL_FILE, check_shape, read_meta, verify_file
 from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint
 from gptdist.config import Config, ConfigError, flatten
 from gptdist.model import GPT
+from gptdist.redaction import redact_text, redact_uri
 from gptdist.train_loop import train_worker
 
 
@@ -303,7 +304,8 @@ def open_tracking(cfg: Config, params: dict, kind: str = "train", parent_run_id:
     except Exception as e:
         if cfg.tracking.required:
             raise tracking.TrackingUnavailableError(
-                f"{e} (tracking.uri / MLFLOW_TRACKING_URI = {uri}; set tracking.required=false to train without it)"
+                f"{e} (tracking.uri / MLFLOW_TRACKING_URI = {redact_uri(uri)}; "
+                "set tracking.required=false to train without it)"
             ) from None
         print(f"warning: MLflow tracking disabled for this run: {e}")
         return None, None, False
@@ -336,10 +338,11 @@ def train_main(cfg: Config, force_local: bool = False, extra_loop_config: dict |
         if client is not None:
             client.set_tag(run_id, "gptdist.dataset_manifest_sha256", dataset.manifest_sha256)
             client.set_tag(run_id, "gptdist.device_type", "cuda" if use_gpu(cfg) else "cpu")
-            client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+            client.log_text(run_id, redact_text(cfg.to_yaml()), "config.yaml")
             client.log_dict(run_id, dataset.manifest, "dataset_manifest.json")
-        coordinator = (tracking.MlflowCoordinator(tracking.tracking_uri(cfg.tracking), run_id,
-                                                  cfg.tracking.log_checkpoints) if client else None)
+        coordinator = (tracking.MlflowCoordinator(
+            tracking.tracking_uri(cfg.tracking), run_id, cfg.tracking.log_checkpoints,
+            logged_through=tracking.last_logged_step(client, run_id) if resumed else 0) if client else None)
         print(f"run {cfg.train.run_name}: {params['derived.num_params'] / 1e6:.2f}M parameters, "
               f"{cfg.ray.num_workers} worker(s), data {dataset.path}"
               + (f", resuming MLflow run {run_id}" if resumed else ""))
@@ -350,6 +353,12 @@ def train_main(cfg: Config, force_local: bool = False, extra_loop_config: dict |
         except BaseException as e:
             if client is not None:
                 tracking.finish_run(client, run_id, e)
+            if tracking.is_interruption(e):
+                # Ray Train's SIGINT handler aborts the run and exits with
+                # SystemExit; callers see the Ctrl-C it was.
+                print(f"run {cfg.train.run_name} interrupted; the same command resumes it "
+                      "from its latest checkpoint")
+                raise KeyboardInterrupt from None
             raise
         summary = finish_training(cfg, result, client, run_id)
         print_summary(cfg, summary)
@@ -408,7 +417,7 @@ def print_summary(cfg: Config, summary: dict[str, Any]) -> None:
     if summary["sample"]:
         print("sample:\n" + "-" * 40 + f"\n{summary['sample']}\n" + "-" * 40)
     print(f"checkpoint: {summary['checkpoint']}")
-    uri = summary["tracking_uri"]
+    uri = redact_uri(summary["tracking_uri"])
     if summary["mlflow_run_id"]:
         print(f"MLflow run {summary['mlflow_run_id']} in experiment '{cfg.tracking.experiment}'")
         if uri.startswith("sqlite:"):

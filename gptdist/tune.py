@@ -47,6 +47,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from gptdist import tracking
 from gptdist.config import Config, ConfigError, config_from_dict, flatten
 from gptdist.model import GPTConfig, analytic_num_params, flops_per_token
+from gptdist.redaction import redact_text
 from gptdist.trainer import connect_ray, open_dataset, open_tracking, storage_path, train_main, use_gpu
 
 SWEEP_KIND = "tune-sweep"
@@ -618,7 +619,7 @@ def tune_main(cfg: Config, resume: bool = False) -> dict[str, Any]:
         client, parent_run_id = open_sweep_run(cfg, shapes, invalid, reports)
         if client is not None:
             client.log_dict(parent_run_id, [asdict(s) for s in invalid], "invalid_shapes.json")
-            client.log_text(parent_run_id, cfg.to_yaml(), "config.yaml")
+            client.log_text(parent_run_id, redact_text(cfg.to_yaml()), "config.yaml")
         try:
             tuner = build_tuner(cfg, reports, parent_run_id, max_concurrent, shapes, resume)
             grid = tuner.fit()

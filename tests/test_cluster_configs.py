@@ -241,6 +241,8 @@ def test_runtime_env_excludes_data_runs_venv_and_credentials(tmp_path):
         "mlruns/0/meta.yaml", "mlflow.db", "model.pt", ".pytest_cache/v/cache",
         ".env", ".env.local", "deploy.pem", "tls/server.key", "id_rsa", "id_ed25519.pub",
         ".aws/credentials", "gcp-credentials.json", "runs/cluster/auth_token",
+        ".pypirc", ".envrc", ".kube/config", ".docker/config.json", "certs/client.p12", "certs/client.pfx",
+        "my-project-service-account.json", "keys/gcp_service_account.json", ".config/gcloud/application_default_credentials.json",
     ]
     for rel in kept + dropped:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

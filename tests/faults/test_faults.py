@@ -70,8 +70,9 @@ def test_sigkill_a_worker_mid_run(tmp_path, tiny_dataset, reference):
     client = MlflowClient(cfg.tracking.uri)
     runs = client.search_runs([client.get_experiment_by_name("gptdist").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")})
-    assert steps == [1, 2, 3, 4, 5, 6]
+    for key in ("train/loss", "lr", "tokens_seen"):  # step 3, trained twice, is logged once
+        steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, key))
+        assert steps == [1, 2, 3, 4, 5, 6], key
     assert "rank 1" in runs[0].data.tags["gptdist.last_worker_error"]
 
 
@@ -91,36 +92,77 @@ def test_sigkill_while_writing_a_checkpoint(tmp_path, tiny_dataset, reference):
         read_meta(folder)  # every checkpoint left in storage is complete
 
 
-def test_kill_the_driver_and_start_again(tmp_path, tiny_dataset):
-    """SIGKILL `gptdist train` mid-run; the same command resumes from the
-    latest checkpoint into the same MLflow run."""
+def train_command(tmp_path: Path, data: Path, name: str) -> list[str]:
+    """`gptdist train --local` of a 12-step nano run, as a user types it."""
     args = [sys.executable, "-m", "gptdist.cli", "train", "--local"]
-    for kv in ["model.preset=nano", "model.block_size=64", f"data.path={tiny_dataset}",
+    for kv in ["model.preset=nano", "model.block_size=64", f"data.path={data}",
                "train.global_batch_size=8", "train.micro_batch_size=8", "train.max_steps=12",
                "train.log_interval=1", "train.eval_interval=6", "train.eval_batches=1",
-               "train.checkpoint_interval=2", "train.sample_tokens=0", "train.run_name=driver-killed",
+               "train.checkpoint_interval=2", "train.sample_tokens=0", f"train.run_name={name}",
                f"ray.storage_path={tmp_path / 'ray'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                f"tracking.runs_dir={tmp_path}", "ray.local_num_cpus=2", "train.cpu_peak_flops=1.0e+11"]:
         args += ["--set", kv]
+    return args
+
+
+def local_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # a local run, not a job
-    first = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True,
-                             stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT)
-    run_dir = tmp_path / "ray" / "driver-killed"
+    return env
+
+
+def start_and_wait_for_a_checkpoint(args: list[str], run_dir: Path, log: Path) -> subprocess.Popen:
+    first = subprocess.Popen(args, cwd=REPO, env=local_env(), start_new_session=True,
+                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     wait_for(lambda: any((p / "meta.json").exists() for p in checkpoint_folders(run_dir)),
              timeout_s=400, what="a first checkpoint")
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming MLflow run" in second.stdout
+    return first
+
+
+def the_only_run(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("gptdist").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")})
-    assert steps == list(range(1, 13))
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_kill_the_driver_and_start_again(tmp_path, tiny_dataset):
+    """SIGKILL `gptdist train` mid-run; the same command resumes from the
+    latest checkpoint into the same MLflow run, each step logged once."""
+    args = train_command(tmp_path, tiny_dataset, "driver-killed")
+    run_dir = tmp_path / "ray" / "driver-killed"
+    first = start_and_wait_for_a_checkpoint(args, run_dir, tmp_path / "first.log")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    second = subprocess.run(args, cwd=REPO, env=local_env(), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming MLflow run" in second.stdout
+    client, run = the_only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    for key in ("train/loss", "lr", "tokens_seen"):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        assert steps == list(range(1, 13)), key
     latest = checkpoint_folders(run_dir)[-1]
     assert read_meta(latest)["step"] == 12
+
+
+def test_ctrl_c_is_an_interruption_and_a_resume_clears_it(tmp_path, tiny_dataset):
+    """SIGINT to the command's process group, as Ctrl-C in a terminal: the
+    MLflow run ends KILLED and says it was interrupted, not FAILED; the same
+    command then resumes it to FINISHED with no error or interruption tag."""
+    args = train_command(tmp_path, tiny_dataset, "interrupted")
+    first = start_and_wait_for_a_checkpoint(args, tmp_path / "ray" / "interrupted", tmp_path / "first.log")
+    os.killpg(first.pid, signal.SIGINT)
+    assert first.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    client, run = the_only_run(tmp_path)
+    assert run.info.status == "KILLED", (tmp_path / "first.log").read_text()[-3000:]
+    assert "interrupted" in run.data.tags["gptdist.interrupted"]
+    assert "gptdist.error" not in run.data.tags
+    second = subprocess.run(args, cwd=REPO, env=local_env(), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    client, run = the_only_run(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert "gptdist.interrupted" not in run.data.tags and "gptdist.error" not in run.data.tags
 
 
 def logged_losses(uri: str, experiment: str) -> int:
