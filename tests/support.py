@@ -103,6 +103,14 @@ def tiny_config(tmp: Path, data: Path, name: str, *extra: str, uri: str | None =
     ])
 
 
+def wait_for(predicate, timeout_s: float = 300, what: str = "condition"):
+    deadline = time.time() + timeout_s
+    while not predicate():
+        if time.time() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
 def audited_rows(audit_dir: Path) -> dict[int, list[int]]:
     """Rows trained at each step; a step retried after a failure keeps the
     rows of its last attempt (the earlier attempt's update was rolled back)."""

@@ -15,20 +15,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from support import audited_rows, free_port, start_mlflow_server, stop_process_group, tiny_config
+from support import audited_rows, free_port, wait_for, start_mlflow_server, stop_process_group, tiny_config
 from gptdist.checkpoint import load_model_state, read_meta
 from gptdist.checkpoint_source import checkpoint_folders
 from gptdist.trainer import train_main
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_for(predicate, timeout_s: float = 300, what: str = "condition"):
-    deadline = time.time() + timeout_s
-    while not predicate():
-        if time.time() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
