@@ -12,13 +12,16 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
 import ray
+import torch
 
 from bench import bench_data, train_speed
-from gptdist.train_step import cpu_has_fast_bf16
+from gptdist.model import preset
+from gptdist.precision_probe import BF16_MARGIN, model_matmuls, probe_precision
 from gptdist.trainer import start_local_ray
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -32,8 +35,9 @@ def row(name, value, baseline=None, target=None, unit="", note=""):
 
 
 # The candidates for the best CPU setting, (c) in the table: {key: (label, overrides)}.
-# bf16 autocast only where the CPU has bf16 instructions (AVX-512 BF16 or
-# AMX); elsewhere PyTorch emulates bf16 matmuls, over 100x slower than fp32,
+# bf16 autocast only where `precision: auto` would choose it (the precision
+# probe on mini's matmuls); elsewhere bf16 is slower than fp32 (emulated
+# without bf16 instructions, over 100x slower; 0.6x on one AVX-512 BF16 CPU)
 # and the candidates are fp32 with torch.compile.
 BF16_SETTINGS = {
     "bf16": ("bf16", ["train.precision=bf16"]),
@@ -52,7 +56,7 @@ FP32_SETTINGS = {
 
 def best_setting_candidates(fast_bf16: bool, quick: bool, preset_name: str) -> dict[str, tuple[str, list[str]]]:
     """Quick mode (under 10 minutes on a 2-core CPU) measures all but the
-    plain-loss compile on `mini`, and on `micro` bf16 where the CPU has it
+    plain-loss compile on `mini`, and on `micro` bf16 where the probe chose it
     (no compile there: it alone took 80 s of a quick run)."""
     settings = BF16_SETTINGS if fast_bf16 else FP32_SETTINGS
     keys = list(settings)
@@ -68,18 +72,28 @@ def setting_precision(key: str) -> str:
 def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     steps = 3 if quick else 12
     threads = os.cpu_count() or 1
-    fast_bf16 = cpu_has_fast_bf16()
+    # What `train.precision: auto` would choose for a 1-worker mini run (the
+    # chunked loss, as on CPU workers), measured afresh: not from the cache.
+    torch.set_num_threads(threads)
+    probe = probe_precision(model_matmuls(preset("mini", block_size=train_speed.BLOCK), train_speed.BATCH,
+                                          chunked_loss=True), cache=None)
+    print(probe.summary(), flush=True)
+    fast_bf16 = probe.precision == "bf16"
     peaks = train_speed.matmul_peaks(threads, fast_bf16)
-    bf16_note = "" if fast_bf16 else "no AVX-512 BF16 or AMX: emulated, so no bf16 runs below"
+    bf16_note = "" if fast_bf16 else "bf16 not faster on mini's matmuls (probe): no bf16 runs below"
     rows = [row("matmul peak fp32 (2048^2, the MFU denominator)", peaks["fp32"] / 1e9, unit="GFLOP/s"),
             row("matmul peak bf16 (2048^2, the MFU denominator)", peaks["bf16"] / 1e9, unit="GFLOP/s",
                 note=bf16_note),
             row("matmul fp32, mini's QKV shape (4096x384 . 384x1152)", peaks["fp32_qkv_shape"] / 1e9,
                 peaks["fp32"] / 1e9, unit="GFLOP/s")]
+    rows += [row("precision probe: mini's matmuls fp32 (forward)", probe.fp32_flops / 1e9, unit="GFLOP/s"),
+             row("precision probe: mini's matmuls bf16 autocast (forward)", probe.bf16_flops / 1e9,
+                 probe.fp32_flops / 1e9, unit="GFLOP/s",
+                 note=f"precision auto chooses {probe.precision} (bf16 needs >= {BF16_MARGIN}x)")]
     if fast_bf16:
         rows.append(row("matmul bf16, mini's QKV shape (4096x384 . 384x1152)", peaks["bf16_qkv_shape"] / 1e9,
                         peaks["bf16"] / 1e9, unit="GFLOP/s"))
-    raw: dict = {"peaks": peaks, "fast_bf16": fast_bf16}
+    raw: dict = {"peaks": peaks, "fast_bf16": fast_bf16, "precision_probe": asdict(probe)}
     data = train_speed.ensure_shakespeare(tmp)
     for name in ["micro", "mini"]:
         candidates = best_setting_candidates(fast_bf16, quick, name)

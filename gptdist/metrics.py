@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -64,6 +65,23 @@ def peak_flops(device: torch.device, precision: str, configured: float | None = 
     return measure_cpu_peak_flops(precision) if device.type == "cpu" else float("nan")
 
 
+def checked_peak(peak_flops_total: float, achieved_flops: float, remeasure: Callable[[], float]) -> float:
+    """The MFU denominator, checked against what training achieved.
+
+    Training cannot outrun the peak, so achieved FLOP/s above it means the
+    peak was under-measured: a CPU probe shares the cores with whatever else
+    starts up or runs on the machine (one read a bf16 peak of 117 GFLOP/s
+    and put MFU at 85%). Then the peak is measured again and the higher of
+    the two kept. The caller re-measures at most once per attempt; `mfu` caps
+    what is left as the last guard."""
+    if achieved_flops <= peak_flops_total:
+        return peak_flops_total
+    return max(peak_flops_total, remeasure())
+
+
 def mfu(tokens_per_s: float, flops_per_token: int, peak_flops_total: float) -> float:
-    """Model FLOPs utilisation (PaLM): achieved training FLOP/s over peak."""
-    return tokens_per_s * flops_per_token / peak_flops_total
+    """Model FLOPs utilisation (PaLM): achieved training FLOP/s over peak,
+    never above 1.0 (an MFU over 100% only says the peak was under-measured;
+    see `checked_peak`)."""
+    value = tokens_per_s * flops_per_token / peak_flops_total
+    return 1.0 if value > 1.0 else value  # NaN (no known peak) stays NaN

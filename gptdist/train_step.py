@@ -6,31 +6,31 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
+from typing import Callable
 
 import torch
 
 from gptdist.config import Config
+from gptdist.precision_probe import ProbeResult
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX: the CPUs where bf16 matmuls beat fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def resolve_precision(requested: str, device: torch.device,
+                      probe_cpu: Callable[[], ProbeResult] | None = None) -> tuple[str, ProbeResult | None]:
+    """(the precision to train in, the CPU probe's result when it decided).
 
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """`auto`: bf16 autocast on GPUs that support it, else fp16 with a
-    GradScaler; on a CPU with bf16 instructions bf16 autocast (bench: 1.6x
-    the fp32 tokens/s for `mini`, loss curve equal to 1e-3), else fp32."""
+    `auto`: bf16 autocast on GPUs that support it, else fp16 with a
+    GradScaler; on a CPU what `probe_cpu` measured faster on the model's
+    matmuls (gptdist.precision_probe: bf16 autocast only where it beats fp32
+    by a margin), fp32 without a probe. A requested precision is used as it
+    is and nothing is measured."""
     if requested != "auto":
-        return requested
+        return requested, None
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
+    if probe_cpu is None:
+        return "fp32", None
+    result = probe_cpu()
+    return result.precision, result
 
 
 def resolve_chunked_loss(requested: bool | None, device: torch.device) -> bool:
