@@ -21,13 +21,14 @@ The guarantees of `data_pipeline.stream` hold by construction:
   `TrainStream` gives it, for any worker count.
 * Resume. Ray Data iterators cannot be checkpointed or sought
   (ray-project/ray#37633, #48224), so nothing is skipped at run time: each
-  rank's dataset *starts* at the resumed step. The step is the one of the
-  checkpoint Ray Train hands the workers: Ray Train records it in its
-  checkpoint-manager snapshot in the run folder before it restarts workers
-  (after a worker failure) and restores from that same snapshot (a new
-  driver with the same run name), so the config reads it there. Every row
-  carries its step; the worker checks the first batch against the step its
-  checkpoint restored and stops with an error if they ever disagree.
+  rank's dataset *starts* at the resumed step. The driver gives the config
+  a function that returns that step, the step of the run's latest
+  checkpoint (`gptdist.checkpoint_source.resume_step`: the checkpoint Ray
+  Train records in its snapshot and hands the restarted workers, or the
+  complete one before it when that one is incomplete), and the config calls
+  it each time Ray Train (re)starts the workers. Every row carries its
+  step; the worker checks the first batch against the step its checkpoint
+  restored and stops with an error if they ever disagree.
 * No row is trained twice or skipped: positions are consumed in order,
   `global_batch` per step, and the `N mod G` rows left at the end of an
   epoch's order are dropped as `stream` states.
@@ -42,8 +43,8 @@ Ray Data tasks, in the background, from any filesystem.
 from __future__ import annotations
 
 import functools
-import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,12 +52,8 @@ import ray
 import ray.data
 import ray.train
 
-from data_pipeline import storage
 from data_pipeline.stream import Shard, data_position, epoch_order, read_shard_tokens, steps_per_epoch
 
-# Ray Train's record of the checkpoints it registered; its
-# `latest_checkpoint_result` is the checkpoint it gives restarted workers.
-SNAPSHOT_NAME = "checkpoint_manager_snapshot.json"
 DATASET_NAME = "train"
 
 
@@ -148,30 +145,16 @@ def shard_listing(shards: list[Shard]) -> ray.data.Dataset:
     return ray.data.from_items([{"path": s.path, "first_row": s.first_row, "rows": s.rows} for s in shards])
 
 
-def resumed_step(run_folder: str | None) -> int:
-    """The step of the checkpoint Ray Train will hand the workers: the
-    latest one in its checkpoint-manager snapshot (0 with none)."""
-    if run_folder is None:
-        return 0
-    snapshot = storage.join(run_folder, SNAPSHOT_NAME)
-    if not storage.is_file(snapshot):
-        return 0
-    latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result")
-    if not latest:
-        return 0
-    return int(latest["metrics"]["step"])
-
-
 class RowOrderDataConfig(ray.train.DataConfig):
     """Gives each rank its own dataset of exactly its rows, starting at the
     resumed step (see the module docstring), instead of splitting one
     dataset among the workers."""
 
-    def __init__(self, plan: RowPlan, run_folder: str | None, read_cpus: float = 0.25,
+    def __init__(self, plan: RowPlan, start_step: Callable[[], int] | None = None, read_cpus: float = 0.25,
                  env: dict[str, str] | None = None):
         super().__init__(datasets_to_split=[DATASET_NAME])
         self.plan = plan
-        self.run_folder = run_folder
+        self.start_step = start_step  # None: always from step 0
         self.read_cpus = read_cpus
         # The driver's object-store endpoint (storage.endpoint_env): this
         # config runs in a Ray actor, its readers in Ray tasks, neither of
@@ -182,7 +165,7 @@ class RowOrderDataConfig(ray.train.DataConfig):
         os.environ.update(self.env)  # an actor of Ray Train's own, for the datasets alone
         listing = datasets[DATASET_NAME].take_all()
         shards = [Shard(r["path"], int(r["first_row"]), int(r["rows"])) for r in listing]
-        start = resumed_step(self.run_folder)
+        start = self.start_step() if self.start_step else 0
         output = []
         for rank in range(world_size):
             ds = rank_dataset(shards, self.plan, rank, world_size, start, self.read_cpus, self.env)

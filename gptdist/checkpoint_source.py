@@ -26,6 +26,7 @@ rather than a wall of load_state_dict size mismatches.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -49,6 +50,8 @@ from gptdist.model import GPT, GPTConfig
 from gptdist.tracking import runs_dir, tracking_uri
 
 RUNS_SCHEME = "runs:/"
+# Ray Train's record of a run's registered checkpoints, in the run folder.
+RAY_SNAPSHOT_NAME = "checkpoint_manager_snapshot.json"
 DEFAULT_ARTIFACT_PATH = "model"  # where training logs its final checkpoint folder
 RUN_KIND_TAG = "gptdist.run_kind"
 
@@ -104,9 +107,15 @@ def checkpoint_folders(run_dir: str | Path) -> list:
 
 
 def latest_ray_checkpoint(run_dir: str | Path):
-    """The complete `checkpoint_*` folder with the highest step (a Path, or
-    a URI in object storage). Folders without a readable meta.json (a
-    write cut short) are skipped."""
+    """A run's latest checkpoint, the one `train` resumes from and `sample`,
+    `eval` and `export` load (a Path, or a URI in object storage).
+
+    Ray Train resumes from the latest checkpoint its checkpoint-manager
+    snapshot records. When that folder is complete, it is the latest. When
+    it is not (its meta.json is missing or unreadable: a write cut short, a
+    folder damaged later), the newest complete folder before it is, and the
+    training worker loads that one instead of Ray's (train_loop.restore).
+    Without a snapshot: the complete folder with the highest step."""
     candidates = []
     for folder in checkpoint_folders(run_dir):
         try:
@@ -114,9 +123,35 @@ def latest_ray_checkpoint(run_dir: str | Path):
         except CheckpointError:
             continue
         candidates.append((int(meta.get("step", -1)), str(folder).rsplit("/", 1)[-1], folder))
+    registered = ray_latest_checkpoint_name(run_dir)
+    if registered is not None:
+        # The newest complete folder at or before Ray's latest: Ray's own
+        # when complete; an unregistered later folder is never taken.
+        candidates = [c for c in candidates if c[1] <= registered]
     if not candidates:
         raise CheckpointError(f"{run_dir} holds no complete checkpoint_* folder")
     return max(candidates)[2]
+
+
+def ray_latest_checkpoint_name(run_dir: str | Path) -> str | None:
+    """The folder name of the latest checkpoint in Ray Train's snapshot of
+    the run (None without a snapshot, or one this code cannot read)."""
+    snapshot = storage.join(str(run_dir), RAY_SNAPSHOT_NAME)
+    try:
+        if not storage.is_file(snapshot):
+            return None
+        latest = json.loads(storage.read_bytes(snapshot)).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return latest.get("checkpoint_dir_name")
+
+
+def resume_step(run_dir: str | Path) -> int:
+    """The step a run resumes at: its latest checkpoint's (0 with none)."""
+    try:
+        return int(read_meta(latest_ray_checkpoint(run_dir))["step"])
+    except CheckpointError:
+        return 0
 
 
 # --- object storage ---------------------------------------------------------

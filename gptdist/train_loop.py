@@ -35,6 +35,7 @@ import torch.distributed as dist
 from data_pipeline.ingest import DATASET_NAME, RayDataStream
 from data_pipeline.stream import Shard, TrainStream, eval_batches
 from gptdist.checkpoint import (
+    META_FILE,
     check_shape,
     clean_state_dict,
     load_model_state,
@@ -42,9 +43,11 @@ from gptdist.checkpoint import (
     model_meta,
     save_checkpoint,
 )
+from gptdist.checkpoint_source import latest_ray_checkpoint
 from gptdist.config import Config, config_from_dict, gradient_accumulation_steps
-from gptdist.metrics import mfu, peak_flops
+from gptdist.metrics import checked_peak, mfu, peak_flops
 from gptdist.model import GPT
+from gptdist.precision_probe import ProbeResult, cache_file, model_matmuls, probe_precision
 from gptdist.tokenizer import decode, encode
 from gptdist.fault_injection import (
     append_audit,
@@ -96,6 +99,20 @@ def set_cpu_threads(cfg: Config) -> int:
     threads = cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // local_workers)
     torch.set_num_threads(threads)
     return threads
+
+
+def probe_cpu_precision(cfg: Config, rank: int, world: int, chunked_loss: bool) -> ProbeResult:
+    """`precision: auto` on CPU workers: rank 0 times fp32 against bf16 on
+    this model's matmuls, or reads its machine's cached figures, while the
+    other ranks wait at the broadcast (leaving it the cores); every rank
+    trains in its choice."""
+    result: list[ProbeResult | None] = [None]
+    if rank == 0:
+        matmuls = model_matmuls(cfg.model.to_gpt_config(), cfg.train.micro_batch_size, chunked_loss)
+        result[0] = probe_precision(matmuls, cache_file())
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
@@ -173,9 +190,27 @@ def write_checkpoint(folder: Path, model, optimizer, scaler, state: LoopState, c
                     before_meta=lambda: maybe_die_while_checkpointing(hooks, state.step, loop_config["fault_marker_dir"]))
 
 
-def restore(model, optimizer, scaler, cfg: Config, loop_config: dict) -> LoopState:
-    """Load the checkpoint Ray Train hands this attempt, if any."""
+def checkpoint_to_resume(loop_config: dict) -> ray.train.Checkpoint | None:
+    """The checkpoint Ray Train hands this attempt when it is complete; when
+    it is not (its meta.json missing: a write cut short, a folder damaged
+    since), the run's latest complete one, the same rule `sample`, `eval`,
+    `export` and the data stream follow (checkpoint_source.latest_ray_checkpoint)."""
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        if (Path(folder) / META_FILE).is_file():
+            return checkpoint
+    fallback = latest_ray_checkpoint(loop_config["run_folder"])
+    if ray.train.get_context().get_world_rank() == 0:
+        sys.stdout.write(f"checkpoint {checkpoint.path} is incomplete ({META_FILE} missing); "
+                         f"resuming from {fallback}\n")
+    return ray.train.Checkpoint(str(fallback))
+
+
+def restore(model, optimizer, scaler, cfg: Config, loop_config: dict) -> LoopState:
+    """Load the checkpoint this attempt resumes from, if any."""
+    checkpoint = checkpoint_to_resume(loop_config)
     if checkpoint is None:
         return LoopState()
     with checkpoint.as_directory() as folder:
@@ -210,11 +245,16 @@ def train_worker(loop_config: dict) -> dict:
     threads = set_cpu_threads(cfg)
     write_pid(loop_config.get("pid_dir"), rank)
     device = ray.train.torch.get_device()
-    precision = resolve_precision(cfg.train.precision, device)
+    chunked_loss = resolve_chunked_loss(cfg.train.chunked_loss, device)
+    precision, probe = resolve_precision(cfg.train.precision, device,
+                                         lambda: probe_cpu_precision(cfg, rank, world, chunked_loss))
+    if probe and rank == 0:
+        sys.stdout.write(probe.summary() + "\n")  # not print(): see the progress line below
+        sys.stdout.flush()
     accumulation = gradient_accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, world)
 
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
-    model = GPT(cfg.model.to_gpt_config(), chunked_loss=resolve_chunked_loss(cfg.train.chunked_loss, device)).to(device)
+    model = GPT(cfg.model.to_gpt_config(), chunked_loss=chunked_loss).to(device)
     optimizer = build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
     state = restore(model, optimizer, scaler, cfg, loop_config)
@@ -235,6 +275,7 @@ def train_worker(loop_config: dict) -> dict:
     # of Ray Train's controller and read 10-20% below the quiet peak, which
     # inflated every MFU of the run.
     peak: float | None = None
+    peak_rechecked = False
     tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
     is_ddp = world > 1
 
@@ -290,7 +331,11 @@ def train_worker(loop_config: dict) -> dict:
         elapsed = time.perf_counter() - window_start
         train_loss = all_reduce_mean(loss_sum.reshape(1) / window_steps)[0].item()
         tokens_per_s = window_steps * tokens_per_step / elapsed
-        peak = peak or peak_flops(device, precision, cfg.train.cpu_peak_flops) * world
+        measure_peak = lambda: peak_flops(device, precision, cfg.train.cpu_peak_flops) * world
+        peak = peak or measure_peak()
+        recheck = not peak_rechecked and tokens_per_s * fpt > peak  # under-measured: see metrics.checked_peak
+        if recheck:
+            peak, peak_rechecked = checked_peak(peak, tokens_per_s * fpt, measure_peak), True
         metrics = {
             "step": state.step,
             "train/loss": train_loss,
@@ -312,8 +357,11 @@ def train_worker(loop_config: dict) -> dict:
                                    # MFU's denominator, all workers together
                                    "gptdist.mfu_peak_tflops": f"{peak / 1e12:.3f}",
                                    # what this process's malloc was started with (trainer.WORKER_MALLOC_ENV)
-                                   "gptdist.worker_keeps_freed_memory": str(os.environ.get("MALLOC_MMAP_MAX_") == "0").lower()}
+                                   "gptdist.worker_keeps_freed_memory": str(os.environ.get("MALLOC_MMAP_MAX_") == "0").lower(),
+                                   **(probe.tags() if probe else {})}
             first_step_at = None
+        elif recheck:
+            metrics["run_tags"] = {"gptdist.mfu_peak_tflops": f"{peak / 1e12:.3f}"}
         if device.type == "cuda":
             metrics["device_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         if do_eval:

@@ -7,6 +7,7 @@ start-up.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -29,10 +30,11 @@ from data_pipeline.manifest import manifest_hash, read_manifest
 from data_pipeline.prepare import ensure_dataset
 from data_pipeline.stream import Shard
 from gptdist import tracking
-from gptdist.checkpoint import MODEL_FILE, check_shape, read_meta, verify_file
-from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint
+from gptdist.checkpoint import META_FILE, MODEL_FILE, CheckpointError, check_shape, read_meta, verify_file
+from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint, ray_latest_checkpoint_name, resume_step
 from gptdist.config import Config, ConfigError, flatten
 from gptdist.model import GPT
+from gptdist.precision_probe import CACHE_DIR_ENV
 from gptdist.redaction import redact_text, redact_uri
 from gptdist.train_loop import train_worker
 
@@ -166,7 +168,8 @@ def train_datasets(cfg: Config, dataset: DatasetInfo) -> dict[str, Any]:
                    vocab_size=cfg.model.vocab_size)
     run_folder = storage.join(storage_path(cfg), cfg.train.run_name)
     return {"datasets": {DATASET_NAME: shard_listing(dataset.shards("train"))},
-            "dataset_config": RowOrderDataConfig(plan, run_folder, read_cpus=cfg.data.read_cpus,
+            "dataset_config": RowOrderDataConfig(plan, functools.partial(resume_step, run_folder),
+                                                 read_cpus=cfg.data.read_cpus,
                                                  env=storage.endpoint_env())}
 
 
@@ -214,7 +217,15 @@ def check_resume_compatible(cfg: Config, dataset: DatasetInfo) -> None:
             return
     except storage.StorageError as e:
         raise StorageError(f"ray.storage_path={path} cannot be read: {e}") from None
-    latest = latest_ray_checkpoint(run_dir)
+    try:
+        latest = latest_ray_checkpoint(run_dir)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume run {cfg.train.run_name}: {e}; remove {run_dir} to train it "
+                              "from the start, or choose another train.run_name") from None
+    registered = ray_latest_checkpoint_name(run_dir)
+    if registered and registered != str(latest).rsplit("/", 1)[-1]:
+        print(f"checkpoint {storage.join(run_dir, registered)} is incomplete ({META_FILE} missing): "
+              f"resuming from {latest}, the latest complete one")
     meta = read_meta(latest)
     verify_file(latest, MODEL_FILE, meta)
     check_shape(cfg.model.to_gpt_config(), meta, str(latest))
@@ -251,10 +262,13 @@ WORKER_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**6
 
 
 def worker_runtime_env(cfg: Config) -> dict:
-    """The workers' environment: the malloc settings above, and the driver's
+    """The workers' environment: the malloc settings above, the driver's
     object-store endpoint (AWS_ENDPOINT_URL, region), so that workers and
-    their Ray Data readers reach the bucket the driver verified."""
+    their Ray Data readers reach the bucket the driver verified, and the
+    precision probe's cache folder when one is set."""
     env = {**(WORKER_MALLOC_ENV if cfg.ray.worker_keeps_freed_memory else {}), **storage.endpoint_env()}
+    if os.environ.get(CACHE_DIR_ENV):  # where the precision probe keeps its figures
+        env[CACHE_DIR_ENV] = os.environ[CACHE_DIR_ENV]
     return {"env_vars": env} if env else {}
 
 
@@ -271,6 +285,7 @@ def build_trainer(cfg: Config, dataset: DatasetInfo, coordinator, extra_loop_con
     loop_config = {
         "config": cfg.to_dict(),
         "dataset": dataset.to_loop_config(),
+        "run_folder": storage.join(storage_path(cfg), cfg.train.run_name),
         "fault_marker_dir": str(run_dir or tempfile.gettempdir()),
         **(extra_loop_config or {}),
     }

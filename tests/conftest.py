@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,12 @@ from support import (
 )
 
 S3_BUCKET = "gptdist-test"
+
+
+# The precision probe's per-machine cache (gptdist.precision_probe): tests
+# write their own, never the user's. Set before any Ray starts, so Ray
+# workers inherit it.
+os.environ.setdefault("GPTDIST_CACHE_DIR", tempfile.mkdtemp(prefix="gptdist-test-cache-"))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from support import audited_rows, free_port, wait_for, start_mlflow_server, stop_process_group, tiny_config
 from gptdist.checkpoint import load_model_state, read_meta
-from gptdist.checkpoint_source import checkpoint_folders
+from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint, resolve_checkpoint
 from gptdist.trainer import train_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,6 +82,28 @@ def test_sigkill_while_writing_a_checkpoint(tmp_path, tiny_dataset, reference):
     assert audited_rows(tmp_path / "audit") == audited_rows(ref_tmp / "audit")
     for folder in checkpoint_folders(tmp_path / "ray" / "killed-checkpoint"):
         read_meta(folder)  # every checkpoint left in storage is complete
+
+
+def test_an_incomplete_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_dataset, reference, capsys):
+    """meta.json of the latest checkpoint is deleted between two runs of the
+    same name: train resumes from the complete one before it (so does the
+    data stream), `--from <run folder>` loads that same one, and the end
+    result equals the uninterrupted run's."""
+    ref_tmp, ref = reference
+    audit = {"audit_dir": str(tmp_path / "audit")}
+    common = ["ray.num_workers=2", "train.checkpoint_interval=2", "train.lr_decay_steps=6"]
+    train_main(tiny_config(tmp_path, tiny_dataset, "incomplete", "train.max_steps=4", *common),
+               extra_loop_config=audit)
+    run_dir = tmp_path / "ray" / "incomplete"
+    (run_dir / "checkpoint_00000004" / "meta.json").unlink()
+    assert latest_ray_checkpoint(run_dir).name == "checkpoint_00000002"
+    cfg = tiny_config(tmp_path, tiny_dataset, "incomplete", "train.max_steps=6", *common)
+    assert resolve_checkpoint(str(run_dir), cfg).name == "checkpoint_00000002"  # what sample/eval/export load
+    summary = train_main(cfg, extra_loop_config=audit)
+    assert "checkpoint_00000004 is incomplete" in capsys.readouterr().out
+    assert summary["step"] == 6
+    assert_same_params(load_model_state(ref["checkpoint"])[0], load_model_state(summary["checkpoint"])[0])
+    assert audited_rows(tmp_path / "audit") == audited_rows(ref_tmp / "audit")
 
 
 def train_command(tmp_path: Path, data: Path, name: str) -> list[str]:

@@ -1,0 +1,89 @@
+"""Will a run fit in memory? An estimate made before any worker starts.
+
+Without it, a configuration too large for the machine is found by Ray's
+memory monitor minutes later, after it has killed and restarted workers
+`ray.max_failures` times. The estimate is the host memory of one CPU
+training worker (GPU workers keep weights and activations on the device
+and are not checked here):
+
+    process     torch, Ray and gptdist loaded, before the model (about 0.9 GB)
+    model       fp32 weights, gradients and AdamW's two moments: 16 bytes a
+                parameter, plus a gradient bucket copy for DDP
+    activations what backward keeps at the micro batch: about 20 values of
+                4 bytes per (row, position, channel) per layer
+    loss        the LM head's logits and their gradient: a chunk of rows at
+                a time with the chunked loss, the whole micro batch without
+
+The constants were fitted to the peak RSS of Ray Train workers measured by
+the benchmark (`micro` 1.1-1.2 GB and `mini` 1.9-2.3 GB at 8x512 rows); they
+err on the high side, and a run is refused only when the estimate exceeds
+the memory of the node its workers would share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gptdist.lm_loss import CHUNK_ROWS
+from gptdist.model import GPTConfig
+
+GiB = 2**30
+PROCESS_BYTES = int(0.9 * GiB)
+ACTIVATION_VALUES_PER_CHANNEL = 20
+LOSS_COPIES = 3  # logits, their softmax gradient, and one temporary
+
+
+class MemoryEstimateError(ValueError):
+    """The configured run cannot fit in the memory of its workers' node."""
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    process: int
+    model: int
+    activations: int
+    loss: int
+
+    @property
+    def total(self) -> int:
+        return self.process + self.model + self.activations + self.loss
+
+    def describe(self) -> str:
+        parts = {"process": self.process, "weights + AdamW": self.model,
+                 "activations": self.activations, "loss workspace": self.loss}
+        return ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts.items())
+
+
+def worker_memory(model: GPTConfig, num_params: int, micro_batch: int, chunked_loss: bool,
+                  ddp: bool) -> WorkerMemory:
+    rows = micro_batch * model.block_size
+    loss_rows = min(rows, CHUNK_ROWS) if chunked_loss else rows
+    return WorkerMemory(
+        process=PROCESS_BYTES,
+        model=num_params * (16 + (4 if ddp else 0)),
+        activations=ACTIVATION_VALUES_PER_CHANNEL * 4 * model.n_layer * rows * model.n_embd,
+        loss=LOSS_COPIES * 4 * loss_rows * model.vocab_size,
+    )
+
+
+def check_fits(per_worker: WorkerMemory, workers_on_node: int, node_memory: int) -> None:
+    """MemoryEstimateError naming the estimate, the memory and the knobs."""
+    need = per_worker.total * workers_on_node
+    if need <= node_memory:
+        return
+    raise MemoryEstimateError(
+        f"this run needs about {need / GiB:.1f} GiB of memory for {workers_on_node} worker(s) on one node "
+        f"(each: {per_worker.describe()} GiB), and the node has {node_memory / GiB:.1f} GiB for Ray workers; "
+        "lower train.micro_batch_size (gradient accumulation keeps train.global_batch_size), "
+        "put fewer workers on a node (ray.num_workers, ray.cpus_per_worker), choose a smaller model "
+        "(model.preset), or keep train.chunked_loss on"
+    )
+
+
+def largest_node(nodes: list[dict], cpus_per_worker: float) -> tuple[int, int]:
+    """(memory for Ray workers in bytes, workers that fit by CPU) of the
+    alive node with the most memory, from `ray.nodes()`."""
+    alive = [n for n in nodes if n.get("Alive")]
+    best = max(alive, key=lambda n: n["Resources"].get("memory", 0))
+    workers = max(1, int(best["Resources"].get("CPU", 1) // cpus_per_worker))
+    return int(best["Resources"].get("memory", 0)), workers
