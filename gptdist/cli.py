@@ -155,10 +155,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from gptdist.config import ConfigError
     from gptdist.tokenizer import TokenizerFileError
     from gptdist.tracking import TrackingUnavailableError
+    from gptdist.memory_estimate import MemoryEstimateError, WorkerOutOfMemoryError
     from gptdist.trainer import StorageError
 
     return (ConfigError, DatasetError, CheckpointError, TokenizerFileError, TrackingUnavailableError,
-            StorageError, ConnectionError, FileNotFoundError)
+            StorageError, ConnectionError, FileNotFoundError, MemoryEstimateError, WorkerOutOfMemoryError)
 
 
 def run(func: Callable, args) -> int:

@@ -37,6 +37,24 @@ class MemoryEstimateError(ValueError):
     """The configured run cannot fit in the memory of its workers' node."""
 
 
+class WorkerOutOfMemoryError(RuntimeError):
+    """A worker was killed for memory although the estimate let the run start."""
+
+
+# How Ray reports a task or actor its memory monitor killed.
+OOM_MARKERS = ("OutOfMemoryError", "running low on memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether a training failure is Ray's memory monitor killing a worker."""
+    seen, text = set(), []
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return any(marker in " ".join(text) for marker in OOM_MARKERS)
+
+
 @dataclass(frozen=True)
 class WorkerMemory:
     process: int

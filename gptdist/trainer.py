@@ -33,7 +33,8 @@ from gptdist import tracking
 from gptdist.checkpoint import META_FILE, MODEL_FILE, CheckpointError, check_shape, read_meta, verify_file
 from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint, ray_latest_checkpoint_name, resume_step
 from gptdist.config import Config, ConfigError, flatten
-from gptdist.model import GPT
+from gptdist import memory_estimate
+from gptdist.model import GPT, analytic_num_params
 from gptdist.precision_probe import CACHE_DIR_ENV
 from gptdist.redaction import redact_text, redact_uri
 from gptdist.train_loop import train_worker
@@ -238,6 +239,24 @@ def check_resume_compatible(cfg: Config, dataset: DatasetInfo) -> None:
         raise ConfigError(f"run {cfg.train.run_name} was trained on another dataset than {dataset.path}")
 
 
+def estimate_worker_memory(cfg: Config) -> memory_estimate.WorkerMemory:
+    gpt = cfg.model.to_gpt_config()
+    return memory_estimate.worker_memory(gpt, analytic_num_params(gpt), cfg.train.micro_batch_size,
+                                         chunked_loss=cfg.train.chunked_loss is not False,
+                                         ddp=cfg.ray.num_workers > 1)
+
+
+def check_memory(cfg: Config) -> None:
+    """A configuration whose CPU workers cannot fit in the memory of the
+    node they would share is refused now, naming the estimate and the knobs
+    (gptdist.memory_estimate), instead of by Ray's memory monitor minutes
+    into the run. GPU workers hold their state on the device: not checked."""
+    if use_gpu(cfg):
+        return
+    node_memory, workers_by_cpu = memory_estimate.largest_node(ray.nodes(), cfg.ray.cpus_per_worker)
+    memory_estimate.check_fits(estimate_worker_memory(cfg), min(cfg.ray.num_workers, workers_by_cpu), node_memory)
+
+
 def run_params(cfg: Config, model_params: int, flops_per_token: int) -> dict[str, Any]:
     """The whole resolved config, flattened, plus derived values."""
     return {
@@ -343,6 +362,7 @@ def train_main(cfg: Config, force_local: bool = False, extra_loop_config: dict |
     cfg.train.run_name = cfg.train.run_name or default_run_name(cfg)
     started_ray = connect_ray(cfg, force_local)
     try:
+        check_memory(cfg)
         dataset = open_dataset(cfg)
         model = GPT(cfg.model.to_gpt_config())
         params = run_params(cfg, model.num_params(), model.flops_per_token())
@@ -366,6 +386,11 @@ def train_main(cfg: Config, force_local: bool = False, extra_loop_config: dict |
         try:
             result = trainer.fit()
         except BaseException as e:
+            if memory_estimate.is_out_of_memory(e):
+                e = memory_estimate.WorkerOutOfMemoryError(
+                    f"a training worker was killed by Ray's memory monitor: the node ran out of memory "
+                    f"(estimated per worker: {estimate_worker_memory(cfg).describe()} GiB); lower "
+                    "train.micro_batch_size or put fewer workers on a node")
             if client is not None:
                 tracking.finish_run(client, run_id, e)
             if tracking.is_interruption(e):
@@ -374,6 +399,8 @@ def train_main(cfg: Config, force_local: bool = False, extra_loop_config: dict |
                 print(f"run {cfg.train.run_name} interrupted; the same command resumes it "
                       "from its latest checkpoint")
                 raise KeyboardInterrupt from None
+            if isinstance(e, memory_estimate.WorkerOutOfMemoryError):
+                raise e from None
             raise
         summary = finish_training(cfg, result, client, run_id)
         print_summary(cfg, summary)
