@@ -43,6 +43,7 @@ Ray Data tasks, in the background, from any filesystem.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,7 +138,8 @@ def rank_dataset(shards: list[Shard], plan: RowPlan, rank: int, world_size: int,
     # order: the shard is read once per rank, the order computed once per epoch.
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         RankRowReader, fn_constructor_args=(shards, plan, rank, world_size), batch_size=1,
-        concurrency=1, num_cpus=read_cpus, **({"runtime_env": {"env_vars": env}} if env else {}))
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=read_cpus,
+        **({"runtime_env": {"env_vars": env}} if env else {}))
 
 
 def shard_listing(shards: list[Shard]) -> ray.data.Dataset:
@@ -163,18 +165,29 @@ class RowOrderDataConfig(ray.train.DataConfig):
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         os.environ.update(self.env)  # an actor of Ray Train's own, for the datasets alone
+        quiet_ingest(ray.data.DataContext.get_current())
         listing = datasets[DATASET_NAME].take_all()
         shards = [Shard(r["path"], int(r["first_row"]), int(r["rows"])) for r in listing]
         start = self.start_step() if self.start_step else 0
         output = []
         for rank in range(world_size):
             ds = rank_dataset(shards, self.plan, rank, world_size, start, self.read_cpus, self.env)
-            options = self._resolve_execution_options(DATASET_NAME)
-            options.preserve_order = True  # the rows' order is the training order
-            ds.context.execution_options = options
+            quiet_ingest(ds.context)
+            # The rows' order is the training order. (No resource limits: each
+            # rank's reader is one actor of `read_cpus`.)
+            ds.context.execution_options = ray.data.ExecutionOptions(preserve_order=True)
             ds.set_name(f"{DATASET_NAME}-rank{rank}")
             output.append({DATASET_NAME: ds.iterator()})
         return output
+
+
+def quiet_ingest(context: ray.data.DataContext) -> None:
+    """No progress bars or per-execution banners from the workers' readers:
+    a training run's console is its progress lines (Ray's logs keep the rest)."""
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 class DataStreamMismatch(RuntimeError):
@@ -187,6 +200,7 @@ class RayDataStream:
 
     def __init__(self, iterator, shards: list[Shard], *, global_batch: int, micro_batch: int, world_size: int,
                  prefetch_batches: int):
+        quiet_ingest(ray.data.DataContext.get_current())
         self.global_batch = global_batch
         self.steps_per_epoch = steps_per_epoch(shards, global_batch)
         self.accumulation = global_batch // (micro_batch * world_size)

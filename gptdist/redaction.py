@@ -25,16 +25,19 @@ def redact_uri(uri: str) -> str:
         parts = urlsplit(uri)
     except ValueError:
         return uri
-    netloc = parts.netloc
+    netloc, query = parts.netloc, parts.query
     if "@" in netloc:
         userinfo, host = netloc.rsplit("@", 1)
         user, has_password, _ = userinfo.partition(":")
         netloc = f"{user}:{MASK}@{host}" if has_password else netloc
-    query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         if any(_is_secret(k) for k, _ in pairs):
             query = urlencode([(k, MASK if _is_secret(k) else v) for k, v in pairs], safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
+        # Nothing secret: the text as given (a rebuilt sqlite:////abs/path
+        # would lose a slash).
+        return uri
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

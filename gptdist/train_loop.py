@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -90,6 +91,17 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def quiet_report_log() -> None:
+    """Ray Train logs each `ray.train.report` (the whole metrics dict, ~1 KB,
+    repeating the progress line) at INFO, under a logger named after its
+    source file, which `LoggingConfig` does not reach."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its log lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def set_cpu_threads(cfg: Config) -> int:
@@ -242,6 +254,7 @@ def train_worker(loop_config: dict) -> dict:
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    quiet_report_log()
     threads = set_cpu_threads(cfg)
     write_pid(loop_config.get("pid_dir"), rank)
     device = ray.train.torch.get_device()
@@ -325,6 +338,8 @@ def train_worker(loop_config: dict) -> dict:
         do_eval = state.step % cfg.train.eval_interval == 0 or last
         do_ckpt = state.step % cfg.train.checkpoint_interval == 0 or last
         if not (state.step % cfg.train.log_interval == 0 or do_eval or do_ckpt):
+            if state.step == 1:  # a first progress line after one step, not after `log_interval`
+                print_first_step(state.step, cfg, loss_sum, window_steps, window_start, tokens_per_step, lr, rank)
             continue
 
         # One host sync per report, not per step.
@@ -373,14 +388,39 @@ def train_worker(loop_config: dict) -> dict:
             # Not print(): Ray Train patches it into a logger whose handlers
             # show each line twice on the driver.
             val = f"{last_val:.4f}" if math.isfinite(last_val) else "-"
-            sys.stdout.write(f"step {state.step:>6} | loss {train_loss:.4f} | val {val} | lr {lr:.2e} "
-                             f"| {tokens_per_s:,.0f} tok/s | mfu {metrics['mfu']:.1%} | threads {threads}\n")
+            sys.stdout.write(progress_line(state.step, cfg.train.max_steps, train_loss, val, lr,
+                                           metrics["step_time_ms"], tokens_per_s, metrics["mfu"]) + "\n")
             sys.stdout.flush()
         report(metrics, do_ckpt, rank, raw_model, optimizer, scaler, state, cfg, stream, loop_config)
         loss_sum.zero_()
         reported_once = True
         window_steps, window_start = 0, time.perf_counter()
     return {"step": state.step, "val_loss": last_val, "param_digests": gather_param_digests(raw_model, world)}
+
+
+def progress_line(step: int, max_steps: int, loss: float, val: str, lr: float, step_ms: float,
+                  tokens_per_s: float, mfu_value: float | None) -> str:
+    """`step 10/60 | loss 6.1234 | val - | lr 9.09e-04 | 4,520 ms/step | 902 tok/s | mfu 28.0% | eta 3m46s`:
+    the ETA at this window's step time."""
+    eta_s = round((max_steps - step) * step_ms / 1000)
+    eta = f"{eta_s // 3600}h{eta_s % 3600 // 60:02d}m" if eta_s >= 3600 else f"{eta_s // 60}m{eta_s % 60:02d}s"
+    width = len(str(max_steps))
+    mfu_text = "-" if mfu_value is None else f"{mfu_value:.1%}"
+    return (f"step {step:>{width}}/{max_steps} | loss {loss:.4f} | val {val} | lr {lr:.2e} | {step_ms:,.0f} ms/step "
+            f"| {tokens_per_s:,.0f} tok/s | mfu {mfu_text} | eta {eta}")
+
+
+def print_first_step(step: int, cfg: Config, loss_sum: torch.Tensor, window_steps: int, window_start: float,
+                     tokens_per_step: int, lr: float, rank: int) -> None:
+    """The progress line of the run's first step, printed, not reported (the
+    logging window goes on to the first report). Every rank calls it: the
+    loss is averaged over ranks."""
+    elapsed = time.perf_counter() - window_start
+    loss = all_reduce_mean(loss_sum.reshape(1) / window_steps)[0].item()
+    if rank == 0:
+        sys.stdout.write(progress_line(step, cfg.train.max_steps, loss, "-", lr, 1000 * elapsed / window_steps,
+                                       window_steps * tokens_per_step / elapsed, None) + "\n")
+        sys.stdout.flush()
 
 
 def gather_param_digests(model: torch.nn.Module, world: int) -> list[str]:

@@ -17,6 +17,7 @@ SECRET = "s3cret-pw"
 def test_redact_uri():
     assert redact_uri(f"https://alice:{SECRET}@mlflow.example.com:5000/x") == "https://alice:***@mlflow.example.com:5000/x"
     assert redact_uri("postgresql://bob@db:5432/mlflow") == "postgresql://bob@db:5432/mlflow"  # no password
+    assert redact_uri("sqlite:////abs/runs/mlflow.db") == "sqlite:////abs/runs/mlflow.db"  # untouched
     assert redact_uri(f"s3://b/k?X-Amz-Signature={SECRET}&region=eu") == "s3://b/k?X-Amz-Signature=***&region=eu"
     assert SECRET not in redact_text(f"could not reach http://a:{SECRET}@h:1/api (see http://a:{SECRET}@h:1)")
 
