@@ -220,10 +220,23 @@ def main() -> None:
               "cpu": cpu_description(), "quick": args.quick, "cpus": os.cpu_count(), "seconds": time.time() - started,
               "rows": rows, "raw": raw, "gpu_results": [p.name for p in gpu]}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}.json"
+    # Named by CPU kind too: two VMs of one host name had different CPUs.
+    out = RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{cpu_kind()}.json"
     out.write_text(json.dumps(report, indent=2, default=str))
     print(markdown(rows))
     print(f"\nwritten {out} in {report['seconds']:.0f} s")
+
+
+def cpu_kind() -> str:
+    """amx, avx512bf16, avx512 or avx2: the matmul instructions, for file names."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    for flag, kind in (("amx_bf16", "amx"), ("avx512_bf16", "avx512bf16"), ("avx512f", "avx512"), ("avx2", "avx2")):
+        if flag in flags:
+            return kind
+    return "other"
 
 
 def cpu_description() -> str:
