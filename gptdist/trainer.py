@@ -51,11 +51,6 @@ def storage_path(cfg: Config) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def run_folder(cfg: Config) -> str:
-    """Where Ray Train keeps this run: its checkpoints and their snapshot."""
-    return storage.join(storage.normalize(storage_path(cfg)), cfg.train.run_name)
-
-
 def connect_ray(cfg: Config, force_local: bool = False, include_dashboard: bool = True) -> bool:
     """Start or join Ray; returns True when this call started it.
 
@@ -172,8 +167,9 @@ def train_datasets(cfg: Config, dataset: DatasetInfo) -> dict[str, Any]:
     plan = RowPlan(seed=cfg.data.seed, global_batch=cfg.train.global_batch_size,
                    micro_batch=cfg.train.micro_batch_size, max_steps=cfg.train.max_steps,
                    vocab_size=cfg.model.vocab_size)
+    run_folder = storage.join(storage_path(cfg), cfg.train.run_name)
     return {"datasets": {DATASET_NAME: shard_listing(dataset.shards("train"))},
-            "dataset_config": RowOrderDataConfig(plan, functools.partial(resume_step, run_folder(cfg)),
+            "dataset_config": RowOrderDataConfig(plan, functools.partial(resume_step, run_folder),
                                                  read_cpus=cfg.data.read_cpus,
                                                  env=storage.endpoint_env())}
 
@@ -216,7 +212,7 @@ def check_resume_compatible(cfg: Config, dataset: DatasetInfo) -> None:
     shape, global batch and dataset: checked before any worker starts
     (reading only meta.json and the weights' sha256, also in object storage)."""
     path = storage.normalize(storage_path(cfg))
-    run_dir = run_folder(cfg)
+    run_dir = storage.join(path, cfg.train.run_name)
     try:
         if not checkpoint_folders(run_dir):
             return
@@ -308,7 +304,7 @@ def build_trainer(cfg: Config, dataset: DatasetInfo, coordinator, extra_loop_con
     loop_config = {
         "config": cfg.to_dict(),
         "dataset": dataset.to_loop_config(),
-        "run_folder": run_folder(cfg),
+        "run_folder": storage.join(storage_path(cfg), cfg.train.run_name),
         "fault_marker_dir": str(run_dir or tempfile.gettempdir()),
         **(extra_loop_config or {}),
     }

@@ -111,26 +111,6 @@ def wait_for(predicate, timeout_s: float = 300, what: str = "condition"):
         time.sleep(0.2)
 
 
-def train_and_kill_rank1_after(steps: int, cfg, audit: Path, pids: Path) -> tuple[dict, int]:
-    """`train_main(cfg)` in a thread, rank 1 SIGKILLed once `steps` steps
-    are audited; the run's summary after Ray Train restarted the worker,
-    and the killed pid."""
-    import signal
-    import threading
-
-    from gptdist.trainer import train_main
-
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(train_main(
-        cfg, extra_loop_config={"audit_dir": str(audit), "pid_dir": str(pids)})))
-    thread.start()
-    wait_for(lambda: len(audited_rows(audit)) >= steps, what=f"{steps} trained steps")
-    killed = int((pids / "rank1.pid").read_text())
-    os.kill(killed, signal.SIGKILL)
-    thread.join(timeout=600)
-    return result, killed
-
-
 def audited_rows(audit_dir: Path) -> dict[int, list[int]]:
     """Rows trained at each step; a step retried after a failure keeps the
     rows of its last attempt (the earlier attempt's update was rolled back)."""

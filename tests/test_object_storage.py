@@ -7,6 +7,9 @@ the URI, within seconds."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -33,7 +36,7 @@ from gptdist.model import GPT
 from gptdist.trainer import StorageError, check_resume_compatible, check_storage, open_dataset
 from data_pipeline.stream import TrainStream
 from gptdist.trainer import train_main
-from support import BLOCK, audited_rows, free_port, tiny_config, train_and_kill_rank1_after, write_tiny_corpus
+from support import BLOCK, audited_rows, free_port, tiny_config, wait_for, write_tiny_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -243,7 +246,14 @@ def test_train_from_the_bucket_kill_a_worker_and_resume_on_one(s3_server, s3_dat
               f"ray.storage_path={runs}"]
     first = tiny_config(tmp_path, s3_dataset, "from-s3", "ray.num_workers=2", "train.micro_batch_size=16",
                         "ray.max_failures=2", "train.max_steps=4", *common)
-    result, killed = train_and_kill_rank1_after(3, first, audit, pids)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(train_main(
+        first, extra_loop_config={"audit_dir": str(audit), "pid_dir": str(pids)})))
+    thread.start()
+    wait_for(lambda: len(audited_rows(audit)) >= 3, what="three trained steps")
+    killed = int((pids / "rank1.pid").read_text())
+    os.kill(killed, signal.SIGKILL)
+    thread.join(timeout=600)
     assert result["step"] == 4
     assert int((pids / "rank1.pid").read_text()) != killed  # a new worker process took over
     second = tiny_config(tmp_path, s3_dataset, "from-s3", "ray.num_workers=1", "train.micro_batch_size=16",

@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from support import audited_rows, free_port, train_and_kill_rank1_after, wait_for, start_mlflow_server, stop_process_group, tiny_config
+from support import audited_rows, free_port, wait_for, start_mlflow_server, stop_process_group, tiny_config
 from gptdist.checkpoint import load_model_state, read_meta
 from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint, resolve_checkpoint
 from gptdist.trainer import train_main
@@ -42,8 +43,15 @@ def test_sigkill_a_worker_mid_run(tmp_path, tiny_dataset, reference):
     cfg = tiny_config(tmp_path, tiny_dataset, "killed-worker", "ray.num_workers=2", "ray.max_failures=2",
                       "train.checkpoint_interval=2")
     pids, audit = tmp_path / "pids", tmp_path / "audit"
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(train_main(
+        cfg, extra_loop_config={"audit_dir": str(audit), "pid_dir": str(pids)})))
+    thread.start()
     # Kill rank 1 once step 3 has been trained (the latest checkpoint is step 2).
-    result, killed = train_and_kill_rank1_after(3, cfg, audit, pids)
+    wait_for(lambda: len(audited_rows(audit)) >= 3, what="three trained steps")
+    killed = int((pids / "rank1.pid").read_text())
+    os.kill(killed, signal.SIGKILL)
+    thread.join(timeout=600)
     assert result["step"] == 6
     assert int((pids / "rank1.pid").read_text()) != killed  # a new worker process took over
     assert_same_params(load_model_state(ref["checkpoint"])[0], load_model_state(result["checkpoint"])[0])
