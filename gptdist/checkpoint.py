@@ -17,13 +17,18 @@ uploads the folder.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow.fs
 import torch
 
 from data_pipeline import storage
@@ -161,3 +166,25 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
 
 def model_meta(config: GPTConfig) -> dict[str, Any]:
     return asdict(config)
+
+
+@contextlib.contextmanager
+def local_checkpoint_folder(checkpoint) -> Iterator[Path]:
+    """A Ray Train checkpoint as a local folder, for reading.
+
+    A local checkpoint is read in place. A remote one is downloaded into a
+    folder of this process's own and removed afterwards. Written here rather
+    than using `Checkpoint.as_directory`: that shares one temporary folder per
+    checkpoint among all processes of a node, and a rank that arrives after
+    another rank's download downloads into it again, overwriting model.pt
+    while the other rank is still reading it (seen as a torn zip archive
+    when two workers resumed from object storage at once)."""
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    folder = Path(tempfile.mkdtemp(prefix="gptdist-checkpoint-"))
+    try:
+        checkpoint.to_directory(str(folder))
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

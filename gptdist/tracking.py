@@ -18,6 +18,7 @@ import ray.train
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from gptdist.checkpoint import local_checkpoint_folder
 from gptdist.config import REPO_ROOT, TrackingConfig
 from gptdist.redaction import redact_text, redact_uri
 
@@ -294,7 +295,7 @@ class MlflowCoordinator(ray.train.UserCallback):
         if "sample" in report:
             self.client.log_text(self.run_id, report["sample"], f"samples/step_{step:08d}.txt")
         if checkpoint is not None and self.log_checkpoints == "all":
-            with checkpoint.as_directory() as folder:
+            with local_checkpoint_folder(checkpoint) as folder:
                 self.client.log_artifacts(self.run_id, folder, f"checkpoints/step_{step:08d}")
         if self.dropped:
             self.client.set_tag(self.run_id, "gptdist.dropped_metric_batches", str(self.dropped))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs
 import ray.train
 import ray.train.torch
 import torch
@@ -41,6 +42,7 @@ from gptdist.checkpoint import (
     clean_state_dict,
     load_model_state,
     load_train_state,
+    local_checkpoint_folder,
     model_meta,
     save_checkpoint,
 )
@@ -210,9 +212,9 @@ def checkpoint_to_resume(loop_config: dict) -> ray.train.Checkpoint | None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
-    with checkpoint.as_directory() as folder:
-        if (Path(folder) / META_FILE).is_file():
-            return checkpoint
+    meta = Path(checkpoint.path) / META_FILE
+    if checkpoint.filesystem.get_file_info(str(meta)).type == pyarrow.fs.FileType.File:
+        return checkpoint
     fallback = latest_ray_checkpoint(loop_config["run_folder"])
     if ray.train.get_context().get_world_rank() == 0:
         sys.stdout.write(f"checkpoint {checkpoint.path} is incomplete ({META_FILE} missing); "
@@ -225,7 +227,7 @@ def restore(model, optimizer, scaler, cfg: Config, loop_config: dict) -> LoopSta
     checkpoint = checkpoint_to_resume(loop_config)
     if checkpoint is None:
         return LoopState()
-    with checkpoint.as_directory() as folder:
+    with local_checkpoint_folder(checkpoint) as folder:
         model_state, meta = load_model_state(folder)
         check_shape(cfg.model.to_gpt_config(), meta, str(folder))
         if meta["global_batch_size"] != cfg.train.global_batch_size:

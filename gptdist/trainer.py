@@ -30,8 +30,10 @@ from data_pipeline.manifest import manifest_hash, read_manifest
 from data_pipeline.prepare import ensure_dataset
 from data_pipeline.stream import Shard
 from gptdist import tracking
-from gptdist.checkpoint import META_FILE, MODEL_FILE, CheckpointError, check_shape, read_meta, verify_file
-from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint, ray_latest_checkpoint_name, resume_step
+from gptdist.checkpoint import (META_FILE, MODEL_FILE, CheckpointError, check_shape, local_checkpoint_folder, read_meta,
+                                verify_file)
+from gptdist.checkpoint_source import (checkpoint_folders, latest_ray_checkpoint,
+                                       ray_latest_checkpoint_name, resume_step)
 from gptdist.config import Config, ConfigError, flatten
 from gptdist import memory_estimate
 from gptdist.model import GPT, analytic_num_params
@@ -442,7 +444,7 @@ def log_final_artifacts(cfg: Config, result, client, run_id: str) -> None:
     """The final model (loadable with `--from runs:/<id>`), the loss curve,
     and the run's FINISHED status."""
     if result.checkpoint and cfg.tracking.log_checkpoints != "none":
-        with result.checkpoint.as_directory() as folder:
+        with local_checkpoint_folder(result.checkpoint) as folder:
             client.log_artifacts(run_id, folder, "model")
     with tempfile.TemporaryDirectory() as tmp:
         png = tracking.plot_loss_curve(client, run_id, Path(tmp) / "loss_curve.png")

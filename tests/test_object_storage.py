@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import ray.train
 import torch
 
 from data_pipeline import storage
@@ -28,7 +29,8 @@ from data_pipeline.manifest import (
 )
 from data_pipeline.prepare import ensure_dataset, prepare_dataset
 from data_pipeline.reader import open_split
-from gptdist.checkpoint import CheckpointError, clean_state_dict, model_meta, save_checkpoint
+from gptdist.checkpoint import (CheckpointError, clean_state_dict, load_model_state, local_checkpoint_folder, model_meta,
+                                save_checkpoint)
 from gptdist.checkpoint_source import checkpoint_folders, resolve_source
 from gptdist.cli import main as cli_main
 from gptdist.config import ConfigError, load_config
@@ -218,6 +220,26 @@ def test_checkpoints_under_an_s3_storage_path(s3_server, s3_dataset, tmp_path, c
     assert cli_main(argv) == 0
     assert f"sampling from Ray run {run} (step 2)" in capsys.readouterr().err
 
+
+
+def test_ranks_reading_one_bucket_checkpoint_get_folders_of_their_own(s3_server, tmp_path):
+    """Two readers of one checkpoint in the bucket, the second arriving while
+    the first still reads: Ray's shared download folder would be downloaded
+    into again under the first reader; each reader gets its own copy, and
+    the first one's files stay intact until it is done."""
+    model = GPT(tiny_config(tmp_path, "unused", "x").model.to_gpt_config())
+    uri = f"{s3_server}/shared-read/checkpoint_00000001"
+    storage.copy_folder(save_checkpoint(tmp_path / "ckpt", clean_state_dict(model), None,
+                                        {"model": model_meta(model.config), "step": 1}), uri)
+    checkpoint = ray.train.Checkpoint(uri)
+    with local_checkpoint_folder(checkpoint) as first:
+        before = (first / "model.pt").stat().st_mtime_ns
+        with local_checkpoint_folder(checkpoint) as second:
+            assert first != second
+            assert (second / "model.pt").read_bytes() == (first / "model.pt").read_bytes()
+        assert (first / "model.pt").stat().st_mtime_ns == before  # not written again under the first reader
+        load_model_state(first)
+    assert not first.exists() and not second.exists()
 
 # --- training on data in the bucket ---------------------------------------------
 
