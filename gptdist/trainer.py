@@ -7,6 +7,7 @@ start-up.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -90,8 +91,38 @@ def start_local_ray(num_cpus: int, include_dashboard: bool = True) -> None:
         # through the machine's latest Ray: another one when several run here.
         dashboard_port = free_port()
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
-             dashboard_port=dashboard_port, runtime_env={"env_vars": env})
+    with loopback_only_node():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
+                 dashboard_host="127.0.0.1", dashboard_port=dashboard_port, runtime_env={"env_vars": env})
+
+
+@contextlib.contextmanager
+def loopback_only_node():
+    """While Ray starts a node here, make its address 127.0.0.1, so that
+    everything it listens on (GCS, raylet and worker gRPC, the agents, the
+    metrics endpoints) listens on loopback only.
+
+    Ray 2.60 has no listen-address setting: it replaces a loopback
+    `_node_ip_address` with the machine's address and then binds every
+    interface. Only with clusters disabled, as Ray does on laptops
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), is the node's address the loopback
+    one. The variable reaches the processes the node starts through the
+    environment; this process read it when ray was imported, hence the
+    constant. Both are restored once the node runs, so that a later
+    `ray.init(address=...)` of this process can join a real cluster."""
+    from ray._private import ray_constants
+
+    saved = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved[0] is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, None)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved[0]
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
 
 
 def free_port() -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -120,3 +121,37 @@ def audited_rows(audit_dir: Path) -> dict[int, list[int]]:
             rec = json.loads(line)
             by_step.setdefault(rec["step"], {})[rec["rank"]] = rec["rows"]
     return {step: sorted(r for rows in ranks.values() for r in rows) for step, ranks in by_step.items()}
+
+
+def descendants(pid: int) -> set[int]:
+    """`pid` and every process below it, from /proc."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, grew = {pid}, True
+    while grew:
+        new = {child for child, ppid in parent.items() if ppid in found} - found
+        found |= new
+        grew = bool(new)
+    return found
+
+
+def listening_sockets(pids: set[int]) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of each TCP socket these processes
+    listen on, as `ss -ltnp` reports them."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        fields = line.split()
+        address, _, port = fields[3].rpartition(":")
+        for name, pid in re.findall(r'\("([^"]*)",pid=(\d+)', line):
+            if int(pid) in pids:
+                found.append((address.strip("[]"), int(port), name))
+    return found
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
