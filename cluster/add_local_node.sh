@@ -22,6 +22,10 @@ set -euo pipefail
 . "$STATE_DIR/env"
 [[ $RAY_AUTH_MODE == token ]] || unset RAY_AUTH_TOKEN_PATH
 export PATH="$BIN_DIR:$PATH"
+# Ray refuses to start a worker node with clusters disabled (the head's
+# loopback-only mode, see start_local.sh); ray_start_loopback.py keeps this
+# node on 127.0.0.1 another way.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
 
 n=1
 while [[ -e $STATE_DIR/node-$n.pgid ]]; do n=$((n + 1)); done
@@ -34,7 +38,7 @@ node_args=(start --address "$GPTDIST_RAY_GCS_ADDRESS"
     --disable-usage-stats --log-color false)
 [[ -n ${GPTDIST_NODE_RESOURCES:-} ]] && node_args+=(--resources "$GPTDIST_NODE_RESOURCES")
 
-setsid "$BIN_DIR/ray" "${node_args[@]}" >"$STATE_DIR/logs/node-$n-start.log" 2>&1 </dev/null &
+setsid "$PY" "$HERE/ray_start_loopback.py" "${node_args[@]}" >"$STATE_DIR/logs/node-$n-start.log" 2>&1 </dev/null &
 pid=$!
 echo "$pid" >"$STATE_DIR/node-$n.pgid"
 if ! wait "$pid"; then

@@ -22,12 +22,19 @@
 #   GPTDIST_RAY_AUTH            token (default) or disabled
 #   GPTDIST_MLFLOW_*            see cluster/start_mlflow.sh
 #
-# Network exposure. Ray 2.60 on Linux replaces a loopback --node-ip-address
-# with the machine's own address (ray._private.services.resolve_ip_for_localhost),
-# and its GCS and raylet listen on every interface whatever one asks. So
-# token authentication is on by default: every Ray RPC and every Jobs API
-# request must carry this cluster's token, kept in $GPTDIST_CLUSTER_DIR/auth_token
-# (mode 600). The dashboard/Jobs API and MLflow bind 127.0.0.1 only.
+# Network exposure. With the default GPTDIST_RAY_HOST (127.0.0.1) everything
+# the head starts listens on 127.0.0.1 only: GCS, raylet, workers, Ray
+# Client, agents, metrics endpoints, the dashboard/Jobs API and MLflow.
+# Ray 2.60 has no listen-address setting; it replaces a loopback
+# --node-ip-address with the machine's own address and then binds every
+# interface, except when clusters are disabled as on laptops
+# (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), which this script sets for a loopback
+# head and writes into the env file for its clients. A node added with
+# cluster/add_local_node.sh cannot be loopback-only (Ray refuses worker nodes
+# with clusters disabled) and listens on the machine's address. So token
+# authentication is on by default as well: every Ray RPC and every Jobs API
+# request must carry this cluster's token, kept in
+# $GPTDIST_CLUSTER_DIR/auth_token (mode 600).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -69,6 +76,11 @@ disabled)
 *) die "GPTDIST_RAY_AUTH=$AUTH must be token or disabled" ;;
 esac
 unset RAY_AUTH_TOKEN RAY_ADDRESS
+LOOPBACK_ONLY=0
+if [[ $RAY_HOST == 127.0.0.1 || $RAY_HOST == localhost ]]; then
+    LOOPBACK_ONLY=1
+    export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  # see "Network exposure" above
+fi
 
 # Everything the head starts inherits this environment, job drivers and
 # workers included: `python` in a job's entrypoint is this environment's
@@ -116,6 +128,8 @@ GCS_ADDRESS="$(sed -n "s/.*ray start --address='\([^']*\)'.*/\1/p" "$STATE_DIR/l
     echo "export MLFLOW_TRACKING_URI=$MLFLOW_URL"
     echo "export RAY_AUTH_MODE=$AUTH"
     [[ $AUTH == token ]] && echo "export RAY_AUTH_TOKEN_PATH=$STATE_DIR/auth_token"
+    # A driver joining a loopback-only head must take 127.0.0.1 as its address too.
+    [[ $LOOPBACK_ONLY == 1 ]] && echo "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
     echo "# GCS address, for \`ray start --address\` of a second node on this machine"
     echo "export GPTDIST_RAY_GCS_ADDRESS=${GCS_ADDRESS:-127.0.0.1:$RAY_PORT}"
 } >"$STATE_DIR/env"

@@ -117,18 +117,24 @@ class LocalCluster:
     def pgid_files(self) -> list[Path]:
         return [*self.state_dir.glob("*.pgid"), self.state_dir / "mlflow.pid"]
 
-    def remember_pids(self) -> None:
-        """Note the PIDs of every group we started (the stop check uses them)."""
+    def member_pids(self) -> set[int]:
+        """The PIDs now in the process groups we started."""
+        pids = set()
         for f in self.pgid_files():
             if f.exists():
                 out = subprocess.run(
                     [sys.executable, str(CLUSTER / "local_processes.py"), "members", f.read_text().strip()],
                     capture_output=True, text=True, check=True,
                 ).stdout
-                for pid in (int(line.split()[0]) for line in out.splitlines()):
-                    start = proc_start(pid)
-                    if start is not None:
-                        self.seen.setdefault(pid, start)
+                pids |= {int(line.split()[0]) for line in out.splitlines()}
+        return pids
+
+    def remember_pids(self) -> None:
+        """Note the PIDs of every group we started (the stop check uses them)."""
+        for pid in self.member_pids():
+            start = proc_start(pid)
+            if start is not None:
+                self.seen.setdefault(pid, start)
 
     def env_for_clients(self) -> dict[str, str]:
         """This process's environment, pointed at the cluster only."""

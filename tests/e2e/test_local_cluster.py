@@ -20,6 +20,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobStatus
 
+from support import LOOPBACK, listening_sockets
+
 REPO = Path(__file__).resolve().parents[2]
 
 EXPERIMENT = "gptdist-e2e"
@@ -93,6 +95,15 @@ def test_train_job_logs_metrics_and_model_to_the_mlflow_server(local_cluster, pr
     # Checkpoints are where ray.storage_path said, complete.
     checkpoints = sorted(p for p in (storage / run_name).glob("checkpoint_*") if p.is_dir())
     assert checkpoints and all((c / "meta.json").is_file() for c in checkpoints)
+
+    # The head, its workers, the Ray Client server and MLflow listen on
+    # 127.0.0.1 only (every socket of the groups start_local.sh started).
+    sockets = listening_sockets(local_cluster.member_pids())
+    names = {name for _, _, name in sockets}
+    assert {"gcs_server", "raylet"} <= names, sockets
+    assert any(port == local_cluster.ports["client"] for _, port, _ in sockets), sockets
+    exposed = [s for s in sockets if s[0] not in LOOPBACK]
+    assert not exposed, exposed
 
 
 def test_bad_config_job_fails_with_the_error_and_writes_nothing(local_cluster, prepared_data, tmp_path):
@@ -169,6 +180,8 @@ def test_ddp_across_two_nodes_with_shared_checkpoint_storage(local_cluster, prep
     summary = result["summary"]
 
     assert len(result["alive_nodes"]) == 2
+    exposed = [s for s in listening_sockets(local_cluster.member_pids()) if s[0] not in LOOPBACK]
+    assert not exposed, exposed  # the added node listens on 127.0.0.1 as well
     assert len(result["worker_nodes"]) == 2 and len(set(result["worker_nodes"])) == 2, (
         f"the two ranks did not run on two nodes: {result['worker_nodes']}"
     )
