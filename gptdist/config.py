@@ -99,7 +99,9 @@ class TrainConfig:
     run_name: str | None = None  # None: gpt-L<l>H<h>E<e>-<date-time>
     max_steps: int = 60
     global_batch_size: int = 8  # sequences per optimizer step, all workers
-    micro_batch_size: int = 8  # sequences per forward pass on one worker
+    # Sequences per forward pass on one worker; "auto": global / workers,
+    # lowered to the largest divisor that fits the memory budget (trainer.py).
+    micro_batch_size: int | Literal["auto"] = "auto"
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 10
@@ -322,7 +324,6 @@ def validate(cfg: Config) -> None:
         "ray.num_workers": cfg.ray.num_workers,
         "train.max_steps": cfg.train.max_steps,
         "train.global_batch_size": cfg.train.global_batch_size,
-        "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.eval_interval": cfg.train.eval_interval,
         "train.eval_batches": cfg.train.eval_batches,
         "train.log_interval": cfg.train.log_interval,
@@ -353,6 +354,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.prefetch_batches={cfg.data.prefetch_batches} must be >= 0")
     if not cfg.data.read_cpus > 0:
         raise ConfigError(f"data.read_cpus={cfg.data.read_cpus} must be > 0")
+    if t.micro_batch_size == "auto":
+        if t.global_batch_size % cfg.ray.num_workers:
+            raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                              f"ray.num_workers={cfg.ray.num_workers}")
+        return
+    if t.micro_batch_size < 1:
+        raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} must be at least 1 (or auto)")
     gradient_accumulation_steps(t.global_batch_size, t.micro_batch_size, cfg.ray.num_workers)
 
 

@@ -22,6 +22,7 @@ the memory of the node its workers would share.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gptdist.lm_loss import CHUNK_ROWS
@@ -105,3 +106,12 @@ def largest_node(nodes: list[dict], cpus_per_worker: float) -> tuple[int, int]:
     best = max(alive, key=lambda n: n["Resources"].get("memory", 0))
     workers = max(1, int(best["Resources"].get("CPU", 1) // cpus_per_worker))
     return int(best["Resources"].get("memory", 0)), workers
+
+
+def auto_micro_batch(rows_per_worker: int, fits: Callable[[int], bool], cap: int | None = None) -> int:
+    """The largest divisor of `rows_per_worker` (at most `cap`) whose
+    estimate fits; 1 when none does (check_fits then says why)."""
+    for micro in range(min(rows_per_worker, cap or rows_per_worker), 0, -1):
+        if rows_per_worker % micro == 0 and fits(micro):
+            return micro
+    return 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import shutil
 import socket
@@ -30,7 +31,7 @@ from data_pipeline.ingest import DATASET_NAME, RowOrderDataConfig, RowPlan, shar
 from data_pipeline.manifest import manifest_hash, read_manifest
 from data_pipeline.prepare import ensure_dataset
 from data_pipeline.stream import Shard
-from gptdist import tracking
+from gptdist import console, tracking
 from gptdist.checkpoint import (META_FILE, MODEL_FILE, CheckpointError, check_shape, local_checkpoint_folder, read_meta,
                                 verify_file)
 from gptdist.checkpoint_source import (checkpoint_folders, latest_ray_checkpoint,
@@ -68,17 +69,35 @@ def connect_ray(cfg: Config, force_local: bool = False, include_dashboard: bool 
     address = cfg.ray.address
     if address == "local" and os.environ.get("RAY_ADDRESS") and not force_local:
         address = "auto"
+    started = time.monotonic()
     if address == "local":
         # One more logical CPU than cores leaves Ray Data a slot beside the
         # training workers; without it Ray Data can stall.
-        start_local_ray(cfg.ray.local_num_cpus or (os.cpu_count() or 1) + 1, include_dashboard)
-        return True
-    check_address_reachable(address)
-    try:
-        ray.init(address=None if address == "auto" else address)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ConnectionError(f"cannot connect to Ray at ray.address={address!r}: {e}") from None
+        num_cpus = cfg.ray.local_num_cpus or (os.cpu_count() or 1) + 1
+        print(f"starting a local Ray ({num_cpus} CPUs) ...", flush=True)
+        start_local_ray(num_cpus, include_dashboard)
+    else:
+        check_address_reachable(address)
+        print(f"joining Ray at {address} ...", flush=True)
+        try:
+            ray.init(address=None if address == "auto" else address, logging_level=ray_logging_level())
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConnectionError(f"cannot connect to Ray at ray.address={address!r}: {e}") from None
+    print(f"Ray ready in {time.monotonic() - started:.1f} s; its logs: {ray_log_folder()}", flush=True)
     return True
+
+
+def ray_logging_level() -> int:
+    """Ray's driver-side INFO lines ("Started a local Ray instance", ...)
+    only with --verbose; `ray.init` resets the "ray" logger to this level."""
+    return logging.INFO if console.verbose() else logging.WARNING
+
+
+def ray_log_folder() -> str:
+    """Where this Ray keeps every process's log (on the head for a cluster).
+    Ray has no public call for it; the node object knows."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node.get_logs_dir_path() if node is not None else "the Ray head's /tmp/ray/session_latest/logs"
 
 
 def start_local_ray(num_cpus: int, include_dashboard: bool = True) -> None:
@@ -93,7 +112,8 @@ def start_local_ray(num_cpus: int, include_dashboard: bool = True) -> None:
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     with loopback_only_node():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
-                 dashboard_host="127.0.0.1", dashboard_port=dashboard_port, runtime_env={"env_vars": env})
+                 dashboard_host="127.0.0.1", dashboard_port=dashboard_port, runtime_env={"env_vars": env},
+                 logging_level=ray_logging_level())
 
 
 @contextlib.contextmanager
@@ -272,11 +292,34 @@ def check_resume_compatible(cfg: Config, dataset: DatasetInfo) -> None:
         raise ConfigError(f"run {cfg.train.run_name} was trained on another dataset than {dataset.path}")
 
 
-def estimate_worker_memory(cfg: Config) -> memory_estimate.WorkerMemory:
+def estimate_worker_memory(cfg: Config, micro_batch: int | None = None) -> memory_estimate.WorkerMemory:
     gpt = cfg.model.to_gpt_config()
-    return memory_estimate.worker_memory(gpt, analytic_num_params(gpt), cfg.train.micro_batch_size,
+    return memory_estimate.worker_memory(gpt, analytic_num_params(gpt), micro_batch or cfg.train.micro_batch_size,
                                          chunked_loss=cfg.train.chunked_loss is not False,
                                          ddp=cfg.ray.num_workers > 1)
+
+
+# GPU memory is not known to the driver: auto stops at this micro batch there.
+GPU_AUTO_MICRO_BATCH_CAP = 16
+
+
+def resolve_micro_batch(cfg: Config) -> None:
+    """train.micro_batch_size=auto becomes each worker's share of the global
+    batch, lowered to the largest divisor of it whose memory estimate fits
+    the worker's part of its node (CPU), or at most 16 (GPU)."""
+    if cfg.train.micro_batch_size != "auto":
+        return
+    rows = cfg.train.global_batch_size // cfg.ray.num_workers
+    if use_gpu(cfg):
+        micro = memory_estimate.auto_micro_batch(rows, lambda m: True, GPU_AUTO_MICRO_BATCH_CAP)
+    else:
+        node_memory, workers_by_cpu = memory_estimate.largest_node(ray.nodes(), cfg.ray.cpus_per_worker)
+        budget = node_memory // min(cfg.ray.num_workers, workers_by_cpu)
+        micro = memory_estimate.auto_micro_batch(rows, lambda m: estimate_worker_memory(cfg, m).total <= budget)
+    cfg.train.micro_batch_size = micro
+    if micro < rows:
+        print(f"train.micro_batch_size auto: {micro} ({rows} sequences per worker per step in "
+              f"{rows // micro} micro-steps, to fit memory)")
 
 
 def check_memory(cfg: Config) -> None:
@@ -395,6 +438,7 @@ def train_main(cfg: Config, force_local: bool = False, extra_loop_config: dict |
     cfg.train.run_name = cfg.train.run_name or default_run_name(cfg)
     started_ray = connect_ray(cfg, force_local)
     try:
+        resolve_micro_batch(cfg)
         check_memory(cfg)
         dataset = open_dataset(cfg)
         model = GPT(cfg.model.to_gpt_config())
@@ -414,6 +458,7 @@ def train_main(cfg: Config, force_local: bool = False, extra_loop_config: dict |
         print(f"run {cfg.train.run_name}: {params['derived.num_params'] / 1e6:.2f}M parameters, "
               f"{cfg.ray.num_workers} worker(s), data {dataset.path}"
               + (f", resuming MLflow run {run_id}" if resumed else ""))
+        print(f"starting {cfg.ray.num_workers} Ray Train worker(s) ...", flush=True)
         extra_loop_config["mlflow_run_id"] = run_id
         trainer = build_trainer(cfg, dataset, coordinator, extra_loop_config, callbacks)
         try:

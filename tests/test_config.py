@@ -60,6 +60,12 @@ def test_indivisible_batch_names_values():
     assert gradient_accumulation_steps(16, 4, 2) == 2
     with pytest.raises(ConfigError, match=r"global_batch_size=10 .*micro_batch_size=4 x ray\.num_workers=2"):
         load_config(overrides=["train.global_batch_size=10", "train.micro_batch_size=4", "ray.num_workers=2"])
+    # micro_batch_size auto (the default) needs only the global batch to split over the workers
+    assert load_config(overrides=["ray.num_workers=2"]).train.micro_batch_size == "auto"
+    with pytest.raises(ConfigError, match=r"global_batch_size=8 is not divisible by ray\.num_workers=3"):
+        load_config(overrides=["ray.num_workers=3"])
+    with pytest.raises(ConfigError, match=r"train\.micro_batch_size='big' is not one of \['auto'\]"):
+        load_config(overrides=["train.micro_batch_size=big"])
 
 
 def test_flatten():

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from gptdist.config import load_config
-from gptdist.memory_estimate import GiB, MemoryEstimateError, check_fits, is_out_of_memory
-from gptdist.trainer import estimate_worker_memory
+from gptdist.memory_estimate import GiB, MemoryEstimateError, auto_micro_batch, check_fits, is_out_of_memory
+from gptdist.trainer import check_memory, estimate_worker_memory, resolve_micro_batch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,19 +21,42 @@ REPO = Path(__file__).resolve().parents[2]
 def test_the_estimate_matches_measured_workers():
     """bench/results: Ray Train workers peaked at 1.1-1.2 GB (`micro`) and
     1.9-2.3 GB (`mini`) at 8x512 rows with the chunked loss."""
-    micro = estimate_worker_memory(load_config(overrides=["model.preset=micro"])).total / GiB
-    mini = estimate_worker_memory(load_config(overrides=["model.preset=mini"])).total / GiB
+    micro = estimate_worker_memory(load_config(overrides=["model.preset=micro"]), micro_batch=8).total / GiB
+    mini = estimate_worker_memory(load_config(overrides=["model.preset=mini"]), micro_batch=8).total / GiB
     assert 1.0 < micro < 1.6 and 1.8 < mini < 2.8
     # Without the chunked loss the 4096 x 50304 logits dominate.
-    plain = estimate_worker_memory(load_config(overrides=["model.preset=mini", "train.chunked_loss=false"]))
+    plain = estimate_worker_memory(load_config(overrides=["model.preset=mini", "train.chunked_loss=false"]), 8)
     assert plain.loss > 2 * GiB
 
 
 def test_two_workers_on_a_node_need_twice_the_memory():
-    per_worker = estimate_worker_memory(load_config())
+    per_worker = estimate_worker_memory(load_config(), micro_batch=8)
     check_fits(per_worker, 2, 2 * per_worker.total)
     with pytest.raises(MemoryEstimateError, match=r"2 worker\(s\) on one node"):
         check_fits(per_worker, 2, 2 * per_worker.total - 1)
+
+
+def test_auto_micro_batch_takes_the_largest_divisor_that_fits():
+    assert auto_micro_batch(8, lambda m: True) == 8
+    assert auto_micro_batch(12, lambda m: m <= 5) == 4
+    assert auto_micro_batch(64, lambda m: True, cap=16) == 16
+    assert auto_micro_batch(8, lambda m: False) == 1  # check_memory then says why
+
+
+def test_micro_batch_auto_on_a_real_node(ray_local):
+    """`--set ray.num_workers=2` alone is a valid run; a batch too large for
+    one forward pass is split into micro-steps that fit this node; an
+    explicit value stays as it is."""
+    two = load_config(overrides=["ray.num_workers=2"])
+    resolve_micro_batch(two)
+    assert two.train.micro_batch_size == 4
+    big = load_config(overrides=["model.preset=gpt2-medium", "train.global_batch_size=64"])
+    resolve_micro_batch(big)
+    assert 1 <= big.train.micro_batch_size < 64 and 64 % big.train.micro_batch_size == 0
+    check_memory(big)  # fits now
+    explicit = load_config(overrides=["ray.num_workers=2", "train.micro_batch_size=2"])
+    resolve_micro_batch(explicit)
+    assert explicit.train.micro_batch_size == 2
 
 
 def test_ray_memory_monitor_kills_are_recognised():
