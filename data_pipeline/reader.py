@@ -25,3 +25,16 @@ def open_split(data_dir: str | Path, split: str, block_size: int | None = None) 
     locations = verify_split(data_dir, split, block_size=block_size)
     filesystem, _ = storage.filesystem(data_dir)
     return ray.data.read_parquet(locations, filesystem=filesystem, file_extensions=["parquet"])
+
+
+def first_row_tokens(data_dir: str | Path, split: str) -> list[int]:
+    """The token ids of row 0 of `split` (its first shard's first row)."""
+    import pyarrow.parquet as pq
+
+    from data_pipeline.manifest import read_manifest
+
+    first = read_manifest(data_dir)["splits"][split]["shards"][0]["file"]
+    filesystem, root = storage.filesystem(data_dir)
+    with filesystem.open_input_file(f"{root}/{split}/{first}") as f:
+        table = pq.ParquetFile(f).read_row_group(0, columns=["tokens"])
+    return [int(t) for t in table.column("tokens")[0].as_py()]

@@ -123,7 +123,7 @@ class TrainConfig:
     cpu_peak_flops: float | None = None  # None: measured by a matmul probe
     max_nonfinite_steps: int = 5
     sample_tokens: int = 64
-    sample_prompt: str = "ROMEO:"
+    sample_prompt: str | None = None  # None: a line of the dataset (trainer.dataset_prompt)
     # Fault injection for tests: raise in every worker at this step (once).
     fail_at_step: int | None = None
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -30,6 +32,7 @@ from data_pipeline import storage
 from data_pipeline.ingest import DATASET_NAME, RowOrderDataConfig, RowPlan, shard_listing
 from data_pipeline.manifest import manifest_hash, read_manifest
 from data_pipeline.prepare import ensure_dataset
+from data_pipeline.reader import first_row_tokens
 from data_pipeline.stream import Shard
 from gptdist import console, tracking
 from gptdist.checkpoint import (META_FILE, MODEL_FILE, CheckpointError, check_shape, local_checkpoint_folder, read_meta,
@@ -41,6 +44,7 @@ from gptdist import memory_estimate
 from gptdist.model import GPT, analytic_num_params
 from gptdist.precision_probe import CACHE_DIR_ENV
 from gptdist.redaction import redact_text, redact_uri
+from gptdist.tokenizer import EOT_TOKEN, decode, encode
 from gptdist.train_loop import train_worker
 
 
@@ -209,6 +213,41 @@ def open_dataset(cfg: Config) -> DatasetInfo:
     block size (prepared first when it is the embedded default and absent)."""
     path = storage.normalize(ensure_dataset(cfg))
     return DatasetInfo(path, read_manifest(path), manifest_hash(path))
+
+
+def dataset_prompt(dataset: DatasetInfo, max_tokens: int = 8) -> str:
+    """A sample prompt that belongs to the dataset: in the first validation
+    row, the first line that names a speaker ("ROMEO:"), else its first
+    non-empty line, cut to `max_tokens` tokens."""
+    text = decode([t for t in first_row_tokens(dataset.path, "val") if t != EOT_TOKEN])
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return "\n"
+    speaker = next((line for line in lines if re.fullmatch(r"[A-Z][A-Za-z .'-]{0,30}:", line)), None)
+    return speaker or decode(encode(lines[0])[:max_tokens])
+
+
+def data_params(dataset: DatasetInfo) -> dict[str, str]:
+    """The run's data as the dataset itself records it (not the config's
+    `data.sources`, which only says what to prepare when it is absent)."""
+    return {"data.sources": dataset.manifest.get("sources", []), "data.manifest_sha256": dataset.manifest_sha256}
+
+
+def log_dataset_input(client, run_id: str, dataset: DatasetInfo) -> None:
+    """The dataset in MLflow's own Datasets record of the run (the
+    "Datasets used" column of the UI): name, manifest hash, location."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    splits = dataset.manifest.get("splits", {})
+    profile = {split: {"rows": info.get("rows"), "tokens": info.get("tokens")} for split, info in splits.items()}
+    entry = Dataset(name=dataset_name(dataset.path), digest=dataset.manifest_sha256[:16],
+                    source_type="gptdist-tokens", source=json.dumps({"uri": redact_uri(dataset.path)}),
+                    profile=json.dumps(profile))
+    client.log_inputs(run_id, datasets=[DatasetInput(entry, tags=[InputTag("mlflow.data.context", "training")])])
+
+
+def dataset_name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def train_datasets(cfg: Config, dataset: DatasetInfo) -> dict[str, Any]:
@@ -442,13 +481,17 @@ def train_main(cfg: Config, force_local: bool = False, extra_loop_config: dict |
         check_memory(cfg)
         dataset = open_dataset(cfg)
         model = GPT(cfg.model.to_gpt_config())
-        params = run_params(cfg, model.num_params(), model.flops_per_token())
+        if cfg.train.sample_prompt is None:
+            cfg.train.sample_prompt = dataset_prompt(dataset)
+        params = {**run_params(cfg, model.num_params(), model.flops_per_token()), **data_params(dataset)}
         check_storage(cfg, model.num_params())
         check_resume_compatible(cfg, dataset)
         del model
         client, run_id, resumed = open_tracking(cfg, params, kind, parent_run_id)
         if client is not None:
             client.set_tag(run_id, "gptdist.dataset_manifest_sha256", dataset.manifest_sha256)
+            client.set_tag(run_id, "gptdist.dataset", dataset_name(dataset.path))
+            log_dataset_input(client, run_id, dataset)
             client.set_tag(run_id, "gptdist.device_type", "cuda" if use_gpu(cfg) else "cpu")
             client.log_text(run_id, redact_text(cfg.to_yaml()), "config.yaml")
             client.log_dict(run_id, dataset.manifest, "dataset_manifest.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from data_pipeline.reader import first_row_tokens
 from gptdist.runs import format_table, run_rows
+from gptdist.tokenizer import decode
 from gptdist.tracking import TrackingUnavailableError
 from gptdist.trainer import train_main
 
@@ -31,7 +34,7 @@ def server_run(tmp_path_factory, tiny_dataset, mlflow_server):
     return train_main(cfg)
 
 
-def test_two_worker_run_is_fully_logged(server_run, mlflow_server):
+def test_two_worker_run_is_fully_logged(server_run, mlflow_server, tiny_dataset):
     client = MlflowClient(mlflow_server)
     run = client.get_run(server_run["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -45,6 +48,16 @@ def test_two_worker_run_is_fully_logged(server_run, mlflow_server):
     assert tags["gptdist.precision"] == "fp32" and tags["gptdist.world_size"] == "2"
     assert tags["gptdist.worker_keeps_freed_memory"] == "true"  # the malloc settings reached the workers
     assert len(tags["gptdist.dataset_manifest_sha256"]) == 64
+    # The data is the dataset's own record, not the config's default sources.
+    manifest = json.loads((tiny_dataset / "manifest.json").read_text())
+    assert json.loads(p["data.sources"]) == manifest["sources"] != ["shakespeare"]
+    assert p["data.manifest_sha256"] == tags["gptdist.dataset_manifest_sha256"]
+    assert tags["gptdist.dataset"] == tiny_dataset.name
+    (used,) = run.inputs.dataset_inputs
+    assert used.dataset.name == tiny_dataset.name and used.dataset.digest == p["data.manifest_sha256"][:16]
+    # No prompt configured: one from the dataset's text.
+    first_val_row = decode(first_row_tokens(tiny_dataset, "val"))
+    assert p["train.sample_prompt"] not in ("", "ROMEO:", "None") and p["train.sample_prompt"] in first_val_row
     assert {"gptdist.torch_version", "gptdist.ray_version", "gptdist.mlflow_version"} <= set(tags)
     for key in ("train/loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_ms", "tokens_seen"):
         assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)] == [1, 2, 3, 4], key
