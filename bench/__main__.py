@@ -22,7 +22,7 @@ import torch
 from bench import bench_data, train_speed
 from gptdist.model import preset
 from gptdist.precision_probe import BF16_MARGIN, model_matmuls, probe_precision
-from gptdist.trainer import start_local_ray
+from gptdist.ray_session import start_local_ray
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -74,6 +74,7 @@ import ray
 
 import gptdist
 from data_pipeline import storage
+from gptdist.ray_session import ray_logging_level, start_local_ray
 from data_pipeline.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -145,9 +146,11 @@ def prepare_dataset(
         return existing
     files = resolve_sources(request["sources"], text_column)
     rows_per_shard = rows_per_shard or max(1, SHARD_BYTES // ((block_size + 1) * TOKEN_DTYPE.itemsize))
+    print(f"preparing {out}: tokenizing {len(files)} file(s) with Ray Data ...", flush=True)
     with ray_session(num_cpus=num_cpus, uses_object_storage=storage.is_uri(out)):
         started = time.perf_counter()
         planned = _plan(files, request, rows_per_shard, num_blocks, concurrency)
+        print(f"tokenized in {time.perf_counter() - started:.1f} s; writing the shards ...", flush=True)
         with storage_errors(f"cannot prepare {out}"):
             if storage.is_uri(out):
                 manifest = _write_in_place(planned, out)
@@ -238,11 +241,12 @@ def ray_session(num_cpus: int | None = None, uses_object_storage: bool = False) 
         return
     if os.environ.get("RAY_ADDRESS"):
         env = storage.endpoint_env() if uses_object_storage else {}
-        ray.init(log_to_driver=False, runtime_env={"env_vars": env} if env else None)
+        ray.init(log_to_driver=False, runtime_env={"env_vars": env} if env else None,
+                 logging_level=ray_logging_level())
     else:
-        # address="local": a new Ray of our own, not a cluster recorded in
+        # A new Ray of our own on 127.0.0.1, not a cluster recorded in
         # /tmp/ray by some other process on this machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        start_local_ray(num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
@@ -406,7 +410,7 @@ def _source_errors_unwrapped() -> Iterator[None]:
         original = _original_source_error(e)
         if original is None:
             raise
-        raise SourceError(*original.args) from None
+        raise SourceError(original.message) from None
 
 
 def _original_source_error(error: BaseException | None) -> SourceError | None:

@@ -65,7 +65,14 @@ DOCUMENT_SCHEMA = pa.schema(
 
 
 class SourceError(ValueError):
-    """A corpus source is missing, empty, unreadable or malformed."""
+    """A corpus source is missing, empty, unreadable or malformed.
+
+    `message` keeps the text as raised: Ray Data appends its retry advice
+    to the args of an exception that crosses a task."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TextIO
 
 VERBOSE_ENV = "GPTDIST_VERBOSE"
@@ -37,7 +38,6 @@ RAY_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)*\([^)]*pid=[^)]*\)(?:\x1b\[[0-9;]*
 # Driver-side loggers whose INFO lines are Ray's and MLflow's housekeeping.
 QUIET_LOGGERS = {
     "ray": logging.WARNING,
-    "ray.data": logging.WARNING,
     "ray._private.authentication": logging.ERROR,  # "token authentication is enabled": it is, by design
     "mlflow": logging.WARNING,
     "mlflow.store.db.utils": logging.WARNING,  # "Creating initial MLflow database tables..."
@@ -90,6 +90,7 @@ def quiet_console() -> Iterator[None]:
         return
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    quiet_ray_data_console()
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = QuietStream(out), QuietStream(err)
     try:
@@ -99,3 +100,20 @@ def quiet_console() -> Iterator[None]:
             if isinstance(stream, QuietStream) and stream.pending:
                 stream.write("\n")
         sys.stdout, sys.stderr = out, err
+
+
+RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data configures its "ray.data" logger from the file named by
+    RAY_DATA_LOGGING_CONFIG (its documented knob) when imported, and the
+    processes of a local Ray started later inherit the variable. A user's
+    own setting wins."""
+    if os.environ.get("RAY_DATA_LOGGING_CONFIG"):
+        return
+    os.environ["RAY_DATA_LOGGING_CONFIG"] = str(RAY_DATA_LOGGING)
+    if "ray.data" in sys.modules:
+        from ray.data._internal.logging import configure_logging
+
+        configure_logging()

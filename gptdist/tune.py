@@ -48,7 +48,8 @@ from gptdist import tracking
 from gptdist.config import Config, ConfigError, config_from_dict, flatten
 from gptdist.model import GPTConfig, analytic_num_params, flops_per_token
 from gptdist.redaction import redact_text
-from gptdist.trainer import connect_ray, open_dataset, open_tracking, storage_path, train_main, use_gpu
+from gptdist.ray_session import connect_ray, use_gpu
+from gptdist.trainer import open_dataset, open_tracking, storage_path, train_main
 
 SWEEP_KIND = "tune-sweep"
 TRIAL_KIND = "tune"

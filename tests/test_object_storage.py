@@ -46,7 +46,7 @@ pytestmark = pytest.mark.slow
 def s3_ray(s3_server):
     """A local Ray of the module's own, started after `s3_server` set the
     AWS_* variables, so its workers inherit them."""
-    from gptdist.trainer import start_local_ray
+    from gptdist.ray_session import start_local_ray
 
     start_local_ray(num_cpus=4)
     yield

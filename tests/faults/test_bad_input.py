@@ -18,7 +18,8 @@ from data_pipeline.manifest import DatasetError
 from gptdist.checkpoint import CheckpointError
 from gptdist.checkpoint_source import checkpoint_folders
 from gptdist.config import ConfigError
-from gptdist.trainer import StorageError, connect_ray, train_main
+from gptdist.ray_session import connect_ray
+from gptdist.trainer import StorageError, train_main
 
 
 def test_unreachable_ray_address_is_named():
