@@ -53,7 +53,7 @@ import ray
 import ray.data
 import ray.train
 
-from data_pipeline.stream import Shard, data_position, epoch_order, read_shard_tokens, steps_per_epoch
+from data_pipeline.stream import Shard, data_position, epoch_order, micro_steps, read_shard_tokens, steps_per_epoch
 
 DATASET_NAME = "train"
 
@@ -203,7 +203,7 @@ class RayDataStream:
         quiet_ingest(ray.data.DataContext.get_current())
         self.global_batch = global_batch
         self.steps_per_epoch = steps_per_epoch(shards, global_batch)
-        self.accumulation = global_batch // (micro_batch * world_size)
+        self.accumulation = micro_steps(global_batch, micro_batch, world_size)
         self._batches = iter(iterator.iter_torch_batches(batch_size=micro_batch, prefetch_batches=prefetch_batches))
 
     def position(self, step: int) -> dict[str, int]:

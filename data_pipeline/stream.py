@@ -114,6 +114,16 @@ class ShardCache:
         return np.stack(out)
 
 
+def micro_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Micro-steps per optimizer step: micro_batch x world_size x micro-steps
+    is the global batch, or the slicing above would drop rows."""
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise ValueError(f"a global batch of {global_batch} rows is not divisible by "
+                         f"{micro_batch} rows x {world_size} workers")
+    return global_batch // per_step
+
+
 class TrainStream:
     """Batches for one rank, starting at any optimizer step."""
 
@@ -126,7 +136,7 @@ class TrainStream:
         self.micro_batch = micro_batch
         self.rank = rank
         self.world_size = world_size
-        self.accumulation = global_batch // (micro_batch * world_size)
+        self.accumulation = micro_steps(global_batch, micro_batch, world_size)
         self.steps_per_epoch = steps_per_epoch(shards, global_batch)
         self._order_epoch = -1
         self._order: np.ndarray | None = None

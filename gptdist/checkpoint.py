@@ -33,7 +33,7 @@ import torch
 
 from data_pipeline import storage
 from gptdist.digest import sha256_file
-from gptdist.model import GPT, GPTConfig
+from gptdist.model import GPTConfig
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -154,14 +154,6 @@ def check_shape(expected: GPTConfig, meta: dict[str, Any], where: str) -> None:
     ]
     if diffs:
         raise CheckpointError(f"checkpoint {where} is from another model shape ({'; '.join(diffs)})")
-
-
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
-    """A GPT ready for inference from a checkpoint folder."""
-    state, meta = load_model_state(folder)
-    model = GPT(model_config_from_meta(meta))
-    model.load_state_dict(state)
-    return model.to(device).eval(), meta
 
 
 def model_meta(config: GPTConfig) -> dict[str, Any]:

@@ -26,9 +26,8 @@ import torch
 
 # Rows per chunk: the chunk's fp32 logits are rows × V × 4 bytes (about 51 MB
 # at 256 rows). Fewer rows keep them in cache between the passes over them,
-# but the head matmuls (K = 384 for `mini`) run below peak on short chunks:
-# on a 2-core EPYC with AVX-512 BF16, 256 rows took the fp32 head and loss
-# from 3.5 to 3.0 s per 4096 rows (bf16: 1.84 -> 1.62 s) against 128.
+# but the head matmuls (K = n_embd) run below peak on short chunks; 256 was
+# the faster of the sizes measured on CPUs (bench/results, README).
 # The weight-gradient matmul wants more rows per chunk
 # (its output, V × C, is read and written once per chunk), so the chunk
 # gradients are gathered into groups of `GROUP_ROWS` before that matmul.
@@ -146,12 +145,12 @@ def chunk_loss_and_grad(x: torch.Tensor, w_t: torch.Tensor, targets: torch.Tenso
     minus one-hot, into `out` (in the matmul dtype).
 
     Only PyTorch's fused softmax kernels touch the logits: `exp` of the log
-    probabilities would be simpler but measured 3x slower than a second
-    fused softmax here, and each pass over a chunk costs a sizeable share
-    of its matmuls."""
+    probabilities would be simpler but was slower than a second fused
+    softmax, and each pass over a chunk costs a sizeable share of its
+    matmuls."""
     rows = x.shape[0]
-    # The logits go straight into `out` (a fresh product each chunk page-faulted
-    # in a bf16 step and took twice as long), and softmax overwrites them in place.
+    # The logits go straight into `out` (a fresh product each chunk page-faults),
+    # and softmax overwrites them in place.
     torch.mm(x, w_t, out=out)
     logits = out if out.dtype == torch.float32 else buffers.logits[:rows].copy_(out)  # the loss in fp32
     log_probs = torch.log_softmax(logits, dim=-1, out=buffers.log_probs[:rows])
@@ -164,8 +163,7 @@ def chunk_loss_and_grad(x: torch.Tensor, w_t: torch.Tensor, targets: torch.Tenso
 def subtract_one_at_targets(grad_logits: torch.Tensor, targets: torch.Tensor) -> None:
     """grad_logits[i, targets[i]] -= 1 for each row i, touching only those
     elements. `scatter_add_` on a bf16 tensor converts the whole chunk to
-    fp32 and back on a CPU: 3.2 ms per 128 x 50304 chunk, against 0.2 ms
-    for this."""
+    fp32 and back on a CPU, many times the cost of this."""
     rows, vocab = grad_logits.shape
     flat = grad_logits.view(-1)
     index = torch.arange(rows, device=targets.device) * vocab + targets

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable
 
 import torch
 
-# Dense (no sparsity) peak FLOP/s per device, by a substring of the CUDA
-# device name, for bf16/fp16 tensor cores; fp32 runs use TF32 figures.
+# Dense (no sparsity) peak FLOP/s per device, by model name as it appears
+# as a word in the CUDA device name ("NVIDIA L40S", "NVIDIA H100 80GB HBM3"),
+# for bf16/fp16 tensor cores; fp32 runs use TF32 figures.
 GPU_PEAK_FLOPS = {
     "H200": {"bf16": 989e12, "fp32": 494e12},
     "H100": {"bf16": 989e12, "fp32": 494e12},
@@ -25,7 +27,8 @@ GPU_PEAK_FLOPS = {
 def gpu_peak_flops(device_name: str, precision: str) -> float | None:
     key = "fp32" if precision == "fp32" else "bf16"
     for name, peaks in GPU_PEAK_FLOPS.items():
-        if name in device_name:
+        # A whole word, not a substring: "L4" must not match "NVIDIA L40S".
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(name)}(?![A-Za-z0-9])", device_name):
             return peaks[key]
     return None
 

@@ -51,7 +51,7 @@ from gptdist.config import Config, config_from_dict, gradient_accumulation_steps
 from gptdist.metrics import checked_peak, mfu, peak_flops
 from gptdist.model import GPT
 from gptdist.precision_probe import ProbeResult, cache_file, model_matmuls, probe_precision
-from gptdist.tokenizer import decode, encode
+from gptdist.tokenizer import EOT_TOKEN, decode, encode
 from gptdist.fault_injection import (
     append_audit,
     maybe_die_while_checkpointing,
@@ -79,10 +79,14 @@ class LoopState:
 
 
 def rng_state() -> dict:
+    """Every generator a rank draws from, as tensors and JSON strings (a
+    checkpoint loads with `weights_only=True`)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, words, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": json.dumps(np.random.get_state()[1].tolist()),
-        "python": json.dumps(random.getstate()[1]),
+        "numpy": json.dumps([name, keys.tolist(), pos, has_gauss, cached]),
+        "python": json.dumps([version, list(words), gauss_next]),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -93,6 +97,14 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    numpy_state, python_state = json.loads(state["numpy"]), json.loads(state["python"])
+    # Checkpoints written before these were complete hold a bare list of words.
+    if isinstance(numpy_state[0], str):
+        name, keys, pos, has_gauss, cached = numpy_state
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if isinstance(python_state[0], int) and isinstance(python_state[1], list):
+        version, words, gauss_next = python_state
+        random.setstate((version, tuple(words), gauss_next))
 
 
 def quiet_report_log() -> None:
@@ -156,7 +168,7 @@ def training_sample(model: GPT, cfg: Config, device: torch.device) -> str:
     """A short seeded sample to watch the model learn (logged at each eval).
     Uses the model's own cache-free generate: cheap at these lengths."""
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    prompt = torch.tensor([encode(cfg.train.sample_prompt) or [50256]], device=device)
+    prompt = torch.tensor([encode(cfg.train.sample_prompt) or [EOT_TOKEN]], device=device)
     model.eval()
     out = model.generate(prompt, cfg.train.sample_tokens, temperature=0.8, top_k=200, generator=generator)
     model.train()

@@ -266,13 +266,11 @@ def run_params(cfg: Config, model_params: int, flops_per_token: int) -> dict[str
 
 # glibc malloc gives large freed blocks back to the kernel (blocks over its
 # mmap threshold, trimmed heap tops, whole thread heaps), so every training
-# step page-faults and zeroes its fresh activations and gradients again:
-# 180k faults per bf16 `mini` step at batch 8x512 in a Ray Train worker.
-# Never mapping, trimming or dropping heaps keeps that memory for reuse:
-# 60k faults per step (what remains are blocks above the 64 MB heap size of
-# the thread arena the training thread runs on), +2-8% tokens/s, about
-# 50-90 MB more worker RSS. glibc reads these only at process start, hence
-# the workers' environment.
+# step page-faults and zeroes its fresh activations and gradients again.
+# Never mapping, trimming or dropping heaps keeps that memory for reuse, at
+# the cost of some worker RSS (the figures are in the README's benchmark
+# notes). glibc reads these only at process start, hence the workers'
+# environment.
 WORKER_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62), "MALLOC_TOP_PAD_": str(64 * 2**20)}
 
 

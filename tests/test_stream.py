@@ -1,5 +1,6 @@
 """The resumable per-worker stream (pure functions, no Ray)."""
 
+import pytest
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -72,3 +73,11 @@ def test_token_ids_outside_the_vocabulary_are_named(tmp_path):
     s = TrainStream(shards, seed=0, global_batch=4, micro_batch=4, rank=0, world_size=1, vocab_size=3)
     with pytest.raises(ValueError, match=r"shard-00000\.parquet holds token id 3, outside the model's vocabulary of 3"):
         next(s.micro_batches(0))
+
+
+def test_a_batch_that_does_not_split_is_refused():
+    from data_pipeline.stream import micro_steps
+
+    assert micro_steps(16, 4, 2) == 2
+    with pytest.raises(ValueError, match="global batch of 10 rows is not divisible by 4 rows x 2 workers"):
+        micro_steps(10, 4, 2)
