@@ -33,6 +33,7 @@ import torch
 
 from data_pipeline import storage
 from gptdist.digest import sha256_file
+from gptdist.config import ConfigError
 from gptdist.model import GPTConfig
 
 MODEL_FILE = "model.pt"
@@ -154,6 +155,23 @@ def check_shape(expected: GPTConfig, meta: dict[str, Any], where: str) -> None:
     ]
     if diffs:
         raise CheckpointError(f"checkpoint {where} is from another model shape ({'; '.join(diffs)})")
+
+
+def check_resumable(meta: dict[str, Any], model: GPTConfig, global_batch_size: int, manifest_sha256: str,
+                    run: str) -> None:
+    """A run resumes from a checkpoint only with its model shape, global
+    batch (the data position is counted in global batches) and dataset.
+    The driver checks before any worker starts; each worker checks the
+    checkpoint Ray Train hands it."""
+    check_shape(model, meta, run)
+    if meta["global_batch_size"] != global_batch_size:
+        raise ConfigError(
+            f"run {run} was trained with train.global_batch_size={meta['global_batch_size']}; "
+            f"resuming with {global_batch_size} would change which rows each step trains"
+        )
+    if meta["dataset_manifest_sha256"] != manifest_sha256:
+        raise ConfigError(f"run {run} was trained on another dataset (manifest sha256 "
+                          f"{meta['dataset_manifest_sha256'][:12]}..., this one {manifest_sha256[:12]}...)")
 
 
 def model_meta(config: GPTConfig) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from data_pipeline.ingest import DATASET_NAME, RayDataStream
 from data_pipeline.stream import Shard, TrainStream, eval_batches
 from gptdist.checkpoint import (
     META_FILE,
-    check_shape,
+    check_resumable,
     clean_state_dict,
     load_model_state,
     load_train_state,
@@ -241,15 +241,8 @@ def restore(model, optimizer, scaler, cfg: Config, loop_config: dict) -> LoopSta
         return LoopState()
     with local_checkpoint_folder(checkpoint) as folder:
         model_state, meta = load_model_state(folder)
-        check_shape(cfg.model.to_gpt_config(), meta, str(folder))
-        if meta["global_batch_size"] != cfg.train.global_batch_size:
-            raise ValueError(
-                f"cannot resume: the checkpoint was trained with train.global_batch_size="
-                f"{meta['global_batch_size']}, the config says {cfg.train.global_batch_size}; "
-                "the data position is defined per global batch"
-            )
-        if meta["dataset_manifest_sha256"] != loop_config["dataset"]["manifest_sha256"]:
-            raise ValueError(f"cannot resume: checkpoint {folder} was trained on another dataset")
+        check_resumable(meta, cfg.model.to_gpt_config(), cfg.train.global_batch_size,
+                        loop_config["dataset"]["manifest_sha256"], f"{cfg.train.run_name} ({checkpoint.path})")
         train_state = load_train_state(folder)
     model.load_state_dict(model_state)
     optimizer.load_state_dict(train_state["optimizer"])

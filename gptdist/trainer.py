@@ -32,11 +32,11 @@ from data_pipeline.prepare import ensure_dataset
 from data_pipeline.reader import first_row_tokens
 from data_pipeline.stream import Shard
 from gptdist import tracking
-from gptdist.checkpoint import (META_FILE, MODEL_FILE, CheckpointError, check_shape, local_checkpoint_folder, read_meta,
-                                verify_file)
+from gptdist.checkpoint import (META_FILE, MODEL_FILE, CheckpointError, check_resumable, local_checkpoint_folder,
+                                read_meta, verify_file)
 from gptdist.checkpoint_source import (checkpoint_folders, latest_ray_checkpoint,
                                        ray_latest_checkpoint_name, resume_step)
-from gptdist.config import Config, ConfigError, flatten
+from gptdist.config import Config, flatten
 from gptdist import memory_estimate
 from gptdist.model import GPT, analytic_num_params
 from gptdist.precision_probe import CACHE_DIR_ENV
@@ -202,14 +202,8 @@ def check_resume_compatible(cfg: Config, dataset: DatasetInfo) -> None:
               f"resuming from {latest}, the latest complete one")
     meta = read_meta(latest)
     verify_file(latest, MODEL_FILE, meta)
-    check_shape(cfg.model.to_gpt_config(), meta, str(latest))
-    if meta["global_batch_size"] != cfg.train.global_batch_size:
-        raise ConfigError(
-            f"run {cfg.train.run_name} was trained with train.global_batch_size={meta['global_batch_size']}; "
-            f"resuming with {cfg.train.global_batch_size} would change which rows each step trains"
-        )
-    if meta["dataset_manifest_sha256"] != dataset.manifest_sha256:
-        raise ConfigError(f"run {cfg.train.run_name} was trained on another dataset than {dataset.path}")
+    check_resumable(meta, cfg.model.to_gpt_config(), cfg.train.global_batch_size, dataset.manifest_sha256,
+                    f"{cfg.train.run_name} ({latest})")
 
 
 def estimate_worker_memory(cfg: Config, micro_batch: int | None = None) -> memory_estimate.WorkerMemory:
