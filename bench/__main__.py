@@ -1,5 +1,6 @@
 """`python -m bench [--quick]`: speed, efficiency and memory of gptdist on
-this machine, each against a baseline measured in the same run.
+this machine, each against a baseline measured in the same run, and the
+wall time of the short commands (bench.small_commands) against their limits.
 
 Writes bench/results/<date>-<host>.json and prints a Markdown table.
 Targets are reported, never asserted."""
@@ -19,7 +20,7 @@ from pathlib import Path
 import ray
 import torch
 
-from bench import bench_data, train_speed
+from bench import bench_data, small_commands, train_speed
 from gptdist.model import preset
 from gptdist.precision_probe import BF16_MARGIN, model_matmuls, probe_precision
 from gptdist.ray_session import start_local_ray
@@ -27,11 +28,17 @@ from gptdist.ray_session import start_local_ray
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def row(name, value, baseline=None, target=None, unit="", note=""):
+def row(name, value, baseline=None, target=None, unit="", note="", at_most=None):
+    """`target` is a ratio to reach (value / baseline); `at_most` a limit on
+    the value itself (the seconds a command may take). A missing value
+    (the command failed) misses its limit."""
     ratio = value / baseline if (baseline and value is not None) else None
-    met = None if target is None or ratio is None else ratio >= target
+    if at_most is not None:
+        met = value is not None and value <= at_most
+    else:
+        met = None if target is None or ratio is None else ratio >= target
     return {"name": name, "value": value, "baseline": baseline, "ratio": ratio, "target": target,
-            "met": met, "unit": unit, "note": note}
+            "at_most": at_most, "met": met, "unit": unit, "note": note}
 
 
 # The candidates for the best CPU setting, (c) in the table: {key: (label, overrides)}.
@@ -194,6 +201,8 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         target = "-" if r["target"] is None else f">= {r['target']}x"
+        if r.get("at_most") is not None:
+            target = f"<= {r['at_most']} {r['unit']}"
         met = "-" if r["met"] is None else ("yes" if r["met"] else "NO")
         lines.append(f"| {r['name']} | {fmt(r['value'])} {r['unit']} | {fmt(r['baseline'])} | {ratio} | "
                      f"{target} | {met} | {r['note']} |")
@@ -211,6 +220,9 @@ def main() -> None:
         cold = measure_first_step_cold(tmp)
         rows.append(row("time to first step, gptdist train --local from cold", cold["time_to_first_step_s"], unit="s",
                         note="Ray start + worker start + data ready"))
+        commands = small_commands.run(data_path=str(tmp / "shakespeare-512"))
+        raw["small_commands"] = commands
+        rows += small_command_rows(commands)
         data = bench_data.run(args.quick)
         raw["data"] = data
     fastest = max(v["tokens_per_s"] for k, v in raw["mini"].items() if k.startswith("gptdist") and v)
@@ -249,6 +261,23 @@ def cpu_description() -> str:
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
     flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in info]
     return f"{name} ({', '.join(flags)})" if flags else name
+
+
+def small_command_rows(figures: dict) -> list[dict]:
+    """One row per command of bench.small_commands: its wall time (median of
+    its runs) against its limit."""
+    rows = []
+    for name, (limit, label) in small_commands.TARGETS.items():
+        figure = figures[name]
+        if figure["seconds"] is None:
+            note = f"failed: exit code {figure['rc']}"
+        elif "all_seconds" in figure:
+            runs = figure["all_seconds"]
+            note = f"median of {len(runs)} runs ({min(runs):.2f}-{max(runs):.2f} s)"
+        else:
+            note = f"process start to the first progress line; the run ended after {figure['until_exit_s']:.0f} s"
+        rows.append(row(f"small commands: {label}", figure["seconds"], unit="s", note=note, at_most=limit))
+    return rows
 
 
 def data_rows(data: dict, consumption: float) -> list[dict]:

@@ -25,8 +25,10 @@ rather than a wall of load_state_dict size mismatches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -47,13 +49,21 @@ from gptdist.checkpoint import (
 )
 from gptdist.config import Config
 from gptdist.model import GPT, GPTConfig
-from gptdist.tracking import runs_dir, tracking_uri
 
 RUNS_SCHEME = "runs:/"
 # Ray Train's record of a run's registered checkpoints, in the run folder.
 RAY_SNAPSHOT_NAME = "checkpoint_manager_snapshot.json"
 DEFAULT_ARTIFACT_PATH = "model"  # where training logs its final checkpoint folder
 RUN_KIND_TAG = "gptdist.run_kind"
+
+
+def _tracking():
+    """gptdist.tracking, imported on first use: it imports MLflow, which a
+    local checkpoint folder never needs and which `gptdist sample` would
+    otherwise wait for at start-up."""
+    from gptdist import tracking
+
+    return tracking
 
 
 @dataclass(frozen=True)
@@ -187,7 +197,7 @@ def download_storage_checkpoint(cfg: Config, uri: str) -> Path:
     is reused while its meta.json equals the stored one (Ray names a
     checkpoint folder once, but a run folder may be deleted and reused)."""
     scheme, _, key = uri.partition("://")
-    cache = runs_dir(cfg.tracking) / "downloads" / scheme / key
+    cache = _tracking().runs_dir(cfg.tracking) / "downloads" / scheme / key
     if (cache / META_FILE).is_file() and (cache / META_FILE).read_bytes() == storage.read_bytes(
             storage.join(uri, META_FILE)):
         return cache
@@ -221,7 +231,7 @@ def _download_once(cache: Path, fetch: Callable[[Path], Path]) -> Path:
 def _client(cfg: Config):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri(cfg.tracking))
+    return MlflowClient(tracking_uri=_tracking().tracking_uri(cfg.tracking))
 
 
 def _store_exists(uri: str) -> bool:
@@ -237,7 +247,7 @@ def _from_runs_uri(source: str, cfg: Config) -> ResolvedCheckpoint:
     run_id, _, artifact_path = rest.partition("/")
     if not run_id:
         raise CheckpointError(f"{source!r}: expected runs:/<run-id>[/<artifact-path>]")
-    uri = tracking_uri(cfg.tracking)
+    uri = _tracking().tracking_uri(cfg.tracking)
     if not _store_exists(uri) or not _run_exists(cfg, run_id):
         raise CheckpointError(f"MLflow run {run_id!r} not found at tracking URI {uri}")
     artifact_path = artifact_path or DEFAULT_ARTIFACT_PATH
@@ -265,23 +275,40 @@ def download_run_artifact(cfg: Config, run_id: str, artifact_path: str) -> Path:
     """The run's artifact folder on local disk, downloaded once."""
     import mlflow.artifacts
 
-    uri = tracking_uri(cfg.tracking)
+    uri = _tracking().tracking_uri(cfg.tracking)
     if not _has_artifact(cfg, run_id, artifact_path):
         raise CheckpointError(
             f"MLflow run {run_id} at {uri} has no artifact folder {artifact_path!r} "
             "(did the training run finish and log its checkpoint?)"
         )
-    cache = runs_dir(cfg.tracking) / "downloads" / run_id / artifact_path
+    cache = _tracking().runs_dir(cfg.tracking) / "downloads" / run_id / artifact_path
     if (cache / META_FILE).is_file():
         return cache
-    return _download_once(cache, lambda tmp: Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"{RUNS_SCHEME}{run_id}/{artifact_path}", tracking_uri=uri, dst_path=str(tmp))))
+    with _no_artifact_progress_bars():
+        return _download_once(cache, lambda tmp: Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{RUNS_SCHEME}{run_id}/{artifact_path}", tracking_uri=uri, dst_path=str(tmp))))
+
+
+@contextlib.contextmanager
+def _no_artifact_progress_bars():
+    """MLflow draws a tqdm bar per download, carriage returns and all, into
+    the stderr of `sample` and `eval` (and into logs, where it is noise).
+    Off for the download unless the user set the variable themselves."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 def find_run_by_name(cfg: Config, name: str) -> str | None:
     """Id of the latest run called `name` in tracking.experiment that logged
     a model; eval runs are skipped."""
-    if not _store_exists(tracking_uri(cfg.tracking)):
+    if not _store_exists(_tracking().tracking_uri(cfg.tracking)):
         return None
     client = _client(cfg)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
@@ -322,7 +349,7 @@ def _from_run_name(name: str, cfg: Config) -> ResolvedCheckpoint:
     raise CheckpointError(
         f"no checkpoint named {name!r}: no MLflow run of that name with a "
         f"{DEFAULT_ARTIFACT_PATH!r} artifact in experiment {cfg.tracking.experiment!r} "
-        f"at {tracking_uri(cfg.tracking)}, and no Ray run folder {ray_dir}"
+        f"at {_tracking().tracking_uri(cfg.tracking)}, and no Ray run folder {ray_dir}"
     )
 
 

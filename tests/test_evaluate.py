@@ -1,7 +1,9 @@
 """`gptdist eval`: Ray Data batch inference over a whole split equals a
-direct in-process computation, counts every row once, and is logged to
-MLflow as an eval run."""
+direct in-process computation, counts every row once, gives the same
+figures as the in-process path small splits take, and is logged to MLflow
+as an eval run."""
 
+import io
 import json
 import math
 
@@ -11,11 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data_pipeline.manifest import read_manifest, verify_split
+from data_pipeline.manifest import DatasetError, read_manifest, verify_split
 from data_pipeline.prepare import prepare_dataset
 from gptdist.checkpoint import CheckpointError, clean_state_dict, model_meta, save_checkpoint
 from gptdist.config import Config
-from gptdist.evaluate import EvalError, check_every_row_once, evaluate_split, log_eval_run
+from gptdist import evaluate
+from gptdist.evaluate import (EvalError, Progress, check_every_row_once, evaluate_in_process, evaluate_split,
+                              fits_in_process, log_eval_run)
 from gptdist.model import GPT, preset
 
 BLOCK = 32
@@ -69,14 +73,54 @@ def direct_loss(model: GPT, data_dir, split: str) -> float:
     return loss.item()
 
 
-def test_eval_equals_direct_computation_and_counts_every_row(ray_local, dataset, checkpoint):
+@pytest.fixture(scope="module")
+def val_on_ray(ray_local, dataset, checkpoint):
+    """The val split through Ray Data: two actors of one thread each."""
+    return evaluate_split(checkpoint[0], dataset, "val", num_actors=2, cpus_per_actor=0.5)
+
+
+def test_eval_equals_direct_computation_and_counts_every_row(val_on_ray, dataset, checkpoint):
     folder, model = checkpoint
-    result = evaluate_split(folder, dataset, "val", num_actors=2, cpus_per_actor=0.5)
+    result = val_on_ray
     rows = split_rows(dataset, "val")
     assert rows > 8  # more than one shard
     assert result["rows"] == rows and result["tokens"] == rows * BLOCK and result["step"] == 42
     assert abs(result["loss"] - direct_loss(model, dataset, "val")) < 1e-5
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+
+
+def test_in_process_gives_the_same_figures_as_ray_data(val_on_ray, dataset, checkpoint):
+    """Other batches (3 rows, across the 8-row shards), other thread count,
+    other order: the same loss to the last bit, rows and tokens."""
+    result = evaluate_in_process(checkpoint[0], dataset, "val", batch_size=3, num_threads=2)
+    assert result == val_on_ray
+
+
+def test_the_command_takes_ray_data_only_for_a_large_split(val_on_ray, dataset, checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate, "keep_freed_memory", lambda: None)  # malloc of this pytest process
+    assert fits_in_process(dataset, "val") and fits_in_process(dataset, "train")
+    assert evaluate.evaluate(Config(), checkpoint[0], dataset, "val") == val_on_ray
+    assert "in this process" in capsys.readouterr().err
+    monkeypatch.setattr(evaluate, "IN_PROCESS_MAX_TOKENS", split_rows(dataset, "val") * BLOCK - 1)
+    assert not fits_in_process(dataset, "val")
+    assert evaluate.evaluate(Config(), checkpoint[0], dataset, "val") == val_on_ray  # the running Ray, one actor
+    assert "in this process" not in capsys.readouterr().err
+
+
+def test_a_missing_split_is_named_without_starting_ray(dataset, checkpoint):
+    assert fits_in_process(dataset, "test")
+    with pytest.raises(DatasetError, match="no split 'test'"):
+        evaluate_in_process(checkpoint[0], dataset, "test")
+
+
+def test_progress_line_at_most_every_interval():
+    out = io.StringIO()
+    progress = Progress(10, interval_s=0.0, out=out)
+    progress.advance(4)
+    assert out.getvalue().startswith("eval: 4/10 rows")
+    quiet = Progress(10, out=out)  # the default interval: a short evaluation prints nothing
+    quiet.advance(10)
+    assert out.getvalue().count("eval:") == 1
 
 
 def test_row_check_catches_missing_and_repeated_rows():
@@ -114,7 +158,7 @@ def test_eval_run_is_logged_to_mlflow(tmp_path):
 
 
 def test_cli_eval_of_a_run_name_uses_its_dataset_and_tags_its_source(
-    ray_local, dataset, checkpoint, tmp_path, capsys
+    dataset, checkpoint, tmp_path, capsys, monkeypatch
 ):
     """End to end: a training run in MLflow whose checkpoint records its
     dataset; `gptdist eval --from <run name>` finds both."""
@@ -122,6 +166,7 @@ def test_cli_eval_of_a_run_name_uses_its_dataset_and_tags_its_source(
 
     from gptdist.cli import main as cli_main
 
+    monkeypatch.setattr(evaluate, "keep_freed_memory", lambda: None)  # malloc of this pytest process
     _, model = checkpoint
     folder = save_checkpoint(tmp_path / "ckpt", clean_state_dict(model), None,
                              {"model": model_meta(model.config), "step": 7, "data_path": str(dataset)})

@@ -3,7 +3,10 @@ run folder, runs:/<id>, run name)."""
 
 import io
 import json
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -145,6 +148,21 @@ def test_cli_sample_streams_from_a_checkpoint_folder(tmp_path, model, capsys):
     assert "step 3" in out.err
 
 
+def test_sample_from_a_folder_imports_neither_ray_nor_mlflow(tmp_path, model):
+    """A local checkpoint needs neither, and importing them (MLflow through
+    gptdist.tracking) is most of `gptdist sample`'s start-up."""
+    folder = write_checkpoint(tmp_path / "ckpt", model)
+    code = (
+        "import sys\n"
+        "from gptdist.cli import main\n"
+        f"assert main(['sample', '--from', {str(folder)!r}, '--max-new-tokens', '3']) == 0\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}), file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[-1] == "[]"
+
+
 def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path, capsys):
     torch.manual_seed(0)
     micro = GPT(preset("micro", block_size=BLOCK))
@@ -234,15 +252,19 @@ def test_folder_and_ray_run_folder(tmp_path):
         resolve_checkpoint(str(tmp_path / "nowhere"), cfg)
 
 
-def test_runs_uri_downloads_the_model_artifact(store):
+def test_runs_uri_downloads_the_model_artifact(store, capsys, monkeypatch):
     cfg = store[0]
     run_id = log_checkpoint_run(store, "uri-run", step=12)
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
     for source in (f"runs:/{run_id}", f"runs:/{run_id}/model"):
         resolved = resolve_source(source, cfg)
         assert resolved.run_id == run_id
         assert json.loads((resolved.path / "meta.json").read_text())["step"] == 12
     # the second resolution reused the download
     assert resolved.path.is_relative_to(cfg.tracking.runs_dir)
+    # no MLflow progress bar in sample's or eval's output, and the setting is not left behind
+    assert "Downloading artifacts" not in capsys.readouterr().err
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
 
 
 def test_missing_run_id_names_the_id_and_the_tracking_uri(store, capsys):
