@@ -84,7 +84,7 @@ def plain_loop_in_child(*args, **kwargs) -> dict:
 def gptdist_run(preset_name: str, steps: int, data_path: str, *overrides: str) -> dict:
     """`gptdist train` on the running Ray; tokens/s is the median of the
     reported windows after the first (which holds start-up and compile)."""
-    from gptdist.trainer import train_main
+    from gptdist.driver import train_main
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"

@@ -59,7 +59,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -161,36 +160,45 @@ def prepare_dataset(
     return manifest
 
 
-def ensure_dataset(cfg, *, checksums: bool = True) -> str:
-    """`cfg.data.path` normalized (an absolute path, or a URI), verified for
-    the model's block size. A missing dataset is prepared first when the
+@dataclass(frozen=True)
+class DatasetRequest:
+    """What a dataset folder must hold: the sources to prepare when it is
+    absent (only the embedded default is prepared unasked) and the shape
+    the model reads."""
+
+    sources: list[str]
+    block_size: int
+    val_fraction: float = 0.05
+    text_column: str = "text"
+    num_cpus: int | None = None  # for a local Ray started to prepare
+
+    def prepare(self, path: str, overwrite: bool = False) -> dict[str, Any]:
+        return prepare_dataset(self.sources, path, block_size=self.block_size, val_fraction=self.val_fraction,
+                               text_column=self.text_column, num_cpus=self.num_cpus, overwrite=overwrite)
+
+
+def ensure_dataset(path: str, request: DatasetRequest, *, checksums: bool = True) -> str:
+    """`path` normalized (an absolute path, or a URI), verified for the
+    request's block size. A missing dataset is prepared first when the
     sources are the embedded default ["shakespeare"]; otherwise it is a
     DatasetError telling the user to run `gptdist prepare`."""
-    path = storage.normalize(cfg.data.path)
+    given, path = path, storage.normalize(path)
     with storage_errors(f"cannot open dataset {path}"):
         present = storage.exists(path)
-    embedded = list(cfg.data.sources) == ["shakespeare"]
+    embedded = list(request.sources) == ["shakespeare"]
     if present and embedded and outdated_embedded_dataset(path):
         print(f"dataset {path} holds the embedded corpus as Markdown: preparing it again as plain play text")
-        prepare_dataset(["shakespeare"], path, block_size=cfg.model.block_size, val_fraction=cfg.data.val_fraction,
-                        text_column=cfg.data.text_column, num_cpus=cfg.ray.local_num_cpus, overwrite=True)
+        request.prepare(path, overwrite=True)
     if not present:
         if not embedded:
             raise DatasetError(
                 f"dataset {path} does not exist; prepare it with "
-                f"`gptdist prepare --out {cfg.data.path}` (sources: {cfg.data.sources})"
+                f"`gptdist prepare --out {given}` (sources: {request.sources})"
             )
         print(f"dataset {path} does not exist: preparing it from the embedded Shakespeare corpus")
-        prepare_dataset(
-            ["shakespeare"],
-            path,
-            block_size=cfg.model.block_size,
-            val_fraction=cfg.data.val_fraction,
-            text_column=cfg.data.text_column,
-            num_cpus=cfg.ray.local_num_cpus,
-        )
+        request.prepare(path)
     for split in SPLITS:
-        verify_split(path, split, block_size=cfg.model.block_size, checksums=checksums)
+        verify_split(path, split, block_size=request.block_size, checksums=checksums)
     return path
 
 
@@ -202,31 +210,6 @@ def outdated_embedded_dataset(path: str) -> bool:
     except DatasetError:
         return False
     return manifest.get("sources") == ["shakespeare"] and manifest.get("embedded_text") != EMBEDDED_TEXT
-
-
-def main_from_args(args) -> int:
-    """`gptdist prepare`: the config gives the defaults, flags override."""
-    from gptdist.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-
-    def flag_or(value, default):
-        return default if value is None else value
-
-    try:
-        prepare_dataset(
-            flag_or(args.source, cfg.data.sources),
-            flag_or(args.out, cfg.data.path),
-            block_size=flag_or(args.block_size, cfg.model.block_size),
-            val_fraction=flag_or(args.val_fraction, cfg.data.val_fraction),
-            text_column=flag_or(args.text_column, cfg.data.text_column),
-            overwrite=args.overwrite,
-            num_cpus=cfg.ray.local_num_cpus,
-        )
-    except (SourceError, DatasetError) as e:
-        print(f"gptdist prepare: {e}", file=sys.stderr)
-        return 1
-    return 0
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ import torch
 from data_pipeline import storage
 from gptdist.digest import sha256_file
 from gptdist.config import ConfigError
-from gptdist.model import GPTConfig
+from gptdist.model_config import GPTConfig
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"

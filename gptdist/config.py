@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from gptdist.model import PRESETS, GPTConfig
+from gptdist.model_config import PRESETS, GPTConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = REPO_ROOT / "ray_config.yaml"
@@ -47,7 +47,7 @@ class RayConfig:
     # worker's report waits while its previous one is uncollected, so steps
     # that report faster than this are slowed to it (Ray's default is 2 s).
     controller_poll_s: float = 0.25
-    # Workers' glibc malloc keeps freed memory for reuse (trainer.WORKER_MALLOC_ENV)
+    # Workers' glibc malloc keeps freed memory for reuse (driver.WORKER_MALLOC_ENV)
     # instead of handing it back to the kernel and faulting it in again each step.
     worker_keeps_freed_memory: bool = True
 
@@ -100,7 +100,7 @@ class TrainConfig:
     max_steps: int = 60
     global_batch_size: int = 8  # sequences per optimizer step, all workers
     # Sequences per forward pass on one worker; "auto": global / workers,
-    # lowered to the largest divisor that fits the memory budget (trainer.py).
+    # lowered to the largest divisor that fits the memory budget (preflight.resolve_micro_batch).
     micro_batch_size: int | Literal["auto"] = "auto"
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
@@ -123,7 +123,7 @@ class TrainConfig:
     cpu_peak_flops: float | None = None  # None: measured by a matmul probe
     max_nonfinite_steps: int = 5
     sample_tokens: int = 64
-    sample_prompt: str | None = None  # None: a line of the dataset (trainer.dataset_prompt)
+    sample_prompt: str | None = None  # None: a line of the dataset (run_data.dataset_prompt)
     # Fault injection for tests: raise in every worker at this step (once).
     fail_at_step: int | None = None
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gptdist.lm_loss import CHUNK_ROWS
-from gptdist.model import GPTConfig
+from gptdist.model_config import GPTConfig
 
 GiB = 2**30
 PROCESS_BYTES = int(0.9 * GiB)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from gptdist.lm_loss import CHUNK_ROWS
-from gptdist.model import GPTConfig
+from gptdist.model_config import GPTConfig
 
 CACHE_DIR_ENV = "GPTDIST_CACHE_DIR"
 CACHE_FILE_NAME = "precision-probe.json"
@@ -85,10 +85,11 @@ class ProbeResult:
                 f"{source}: fp32 {self.fp32_flops / 1e9:,.0f} GFLOP/s, bf16 autocast "
                 f"{self.bf16_flops / 1e9:,.0f} GFLOP/s; bf16 needs {BF16_MARGIN}x)")
 
-    def tags(self) -> dict[str, str]:
-        return {"gptdist.precision_probe.fp32_gflops": f"{self.fp32_flops / 1e9:.1f}",
-                "gptdist.precision_probe.bf16_gflops": f"{self.bf16_flops / 1e9:.1f}",
-                "gptdist.precision_probe.cached": str(self.cached).lower()}
+    def facts(self) -> dict[str, str]:
+        """For the run's tags (`gptdist.precision_probe.*`)."""
+        return {"precision_probe.fp32_gflops": f"{self.fp32_flops / 1e9:.1f}",
+                "precision_probe.bf16_gflops": f"{self.bf16_flops / 1e9:.1f}",
+                "precision_probe.cached": str(self.cached).lower()}
 
 
 def choose_precision(fp32_flops: float, bf16_flops: float) -> str:

@@ -131,3 +131,9 @@ def use_gpu(cfg: Config) -> bool:
     if cfg.ray.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) > 0
     return cfg.ray.use_gpu == "true"
+
+
+def storage_path(cfg: Config) -> str:
+    """Ray needs an absolute local path; URIs (s3://, gs://) pass through."""
+    path = cfg.ray.storage_path
+    return path if "://" in path else str(Path(path).resolve())

@@ -7,19 +7,17 @@ import logging
 import os
 import platform
 import subprocess
-import time
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import ray.train
-from mlflow.entities import Metric, Param
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
-from gptdist.checkpoint import local_checkpoint_folder
-from gptdist.config import REPO_ROOT, TrackingConfig
+from gptdist.config import REPO_ROOT, Config, TrackingConfig, flatten
 from gptdist.redaction import redact_text, redact_uri
 
 
@@ -56,7 +54,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 # MLflow prints "View run ... at: <tracking URI>" at the end of each run,
 # the URI's credentials included; gptdist prints where to look itself,
-# redacted (trainer.print_summary).
+# redacted (driver.print_summary).
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 RUN_NAME_TAG = "gptdist.run_name"
@@ -233,77 +231,53 @@ def plot_loss_curve(client: MlflowClient, run_id: str, out: Path) -> Path | None
     return out
 
 
-# --- the coordinator, on the Ray Train controller ------------------------------
+# --- a training run's MLflow run ------------------------------------------------------
 
 
-class MlflowCoordinator(ray.train.UserCallback):
-    """Logs what the workers report to one MLflow run.
+def open_tracking(cfg: Config, params: dict, kind: str = "train", parent_run_id: str | None = None):
+    """(client, run_id, resumed), or (None, None, False) when tracking is
+    optional and the server is down."""
+    uri = tracking_uri(cfg.tracking)
+    try:
+        check_reachable(uri)
+        client = MlflowClient(uri)
+        experiment_id = get_or_create_experiment(client, cfg.tracking, uri)
+    except Exception as e:
+        if cfg.tracking.required:
+            raise TrackingUnavailableError(
+                f"{e} (tracking.uri / MLFLOW_TRACKING_URI = {redact_uri(uri)}; "
+                "set tracking.required=false to train without it)"
+            ) from None
+        print(f"warning: MLflow tracking disabled for this run: {e}")
+        return None, None, False
+    tags = {**environment_tags(), RUN_KIND_TAG: kind}
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    run_id, resumed = start_or_resume_run(client, experiment_id, cfg.train.run_name, params, tags)
+    return client, run_id, resumed
 
-    Runs on the Ray Train controller (`UserCallback`), so workers never talk
-    to MLflow. Metrics are rank 0's (all ranks report the same all-reduced
-    values). Should the tracking server go away mid-run, a metric batch that
-    cannot be logged is dropped with a warning and training goes on; the
-    number dropped is tagged on the run when the server is back.
-    """
 
-    RETRY_AFTER_S = 30.0  # after a failure, drop reports without trying for this long
+def run_params(cfg: Config, model_params: int, flops_per_token: int) -> dict[str, Any]:
+    """The whole resolved config, flattened, plus derived values."""
+    return {
+        **flatten(cfg.to_dict()),
+        "derived.num_params": model_params,
+        "derived.flops_per_token": flops_per_token,
+        "derived.global_batch_tokens": cfg.train.global_batch_size * cfg.model.block_size,
+        "derived.world_size": cfg.ray.num_workers,
+    }
 
-    def __init__(self, tracking_uri: str, run_id: str, log_checkpoints: str, logged_through: int = 0):
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-        self.log_checkpoints = log_checkpoints
-        # Steps up to this one are in the run's history already. A run
-        # resumed from a checkpoint retrains (bit-identically) the steps after
-        # it that an earlier attempt logged; each step is logged once.
-        self.logged_through = logged_through
-        self.dropped = 0
-        self._client = None
-        self._down_until = 0.0
 
-    @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
-        return self._client
+def log_final_artifacts(cfg: Config, result, client, run_id: str) -> None:
+    """The final model (loadable with `--from runs:/<id>`), the loss curve,
+    and the run's FINISHED status."""
+    from gptdist.checkpoint import local_checkpoint_folder  # torch: not needed by `gptdist runs`
 
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        # An exception here would fail the training run: log or drop, never raise.
-        try:
-            self._log_report(metrics[0], checkpoint)
-        except Exception as e:
-            self.dropped += 1
-            self._down_until = time.time() + self.RETRY_AFTER_S
-            log.warning("MLflow logging failed (%s); dropping reports for %.0f s", e, self.RETRY_AFTER_S)
-
-    def _log_report(self, report: dict[str, Any], checkpoint) -> None:
-        if time.time() < self._down_until:
-            self.dropped += 1
-            return
-        step = int(report["step"])
-        for key, value in report.get("run_tags", {}).items():  # what only a worker knows
-            self.client.set_tag(self.run_id, key, value)
-        if step <= self.logged_through:
-            return
-        now = int(time.time() * 1000)
-        values = [
-            Metric(key, float(value), now, step)
-            for key, value in report.items()
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
-        ]
-        self.client.log_batch(self.run_id, metrics=values)
-        self.logged_through = step
-        if "sample" in report:
-            self.client.log_text(self.run_id, report["sample"], f"samples/step_{step:08d}.txt")
-        if checkpoint is not None and self.log_checkpoints == "all":
-            with local_checkpoint_folder(checkpoint) as folder:
-                self.client.log_artifacts(self.run_id, folder, f"checkpoints/step_{step:08d}")
-        if self.dropped:
-            self.client.set_tag(self.run_id, "gptdist.dropped_metric_batches", str(self.dropped))
-
-    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        text = "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
-                         for rank, error in sorted(worker_exceptions.items()))
-        try:
-            self.client.set_tag(self.run_id, "gptdist.last_worker_error", redact_text(text)[:5000])
-        except Exception as e:
-            log.warning("could not record a worker failure in MLflow: %s", e)
+    if result.checkpoint and cfg.tracking.log_checkpoints != "none":
+        with local_checkpoint_folder(result.checkpoint) as folder:
+            client.log_artifacts(run_id, folder, "model")
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_loss_curve(client, run_id, Path(tmp) / "loss_curve.png")
+        if png:
+            client.log_artifact(run_id, str(png))
+    finish_run(client, run_id)

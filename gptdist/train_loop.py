@@ -1,15 +1,15 @@
 """The training loop: what runs in each Ray Train worker.
 
-One worker is one DDP rank. It builds the GPT, restores the latest
-checkpoint Ray Train hands it (after a worker failure or a restart of the
-whole run), wraps the model with `ray.train.torch.prepare_model` (gloo on CPU,
-NCCL on GPU) and trains on the rows `data_pipeline.stream` assigns to it,
-which Ray Data reads for it (`data_pipeline.ingest`, from its dataset shard)
-unless `data.ingest: direct`.
-Every `log_interval` steps all ranks call `ray.train.report` (a barrier) with
-the same metrics; rank 0 also attaches a checkpoint every
-`checkpoint_interval` steps and at the end. Workers never talk to MLflow:
-the coordinator on the driver side logs what they report.
+One worker is one DDP rank. It builds the GPT, restores the checkpoint Ray
+Train hands it (after a worker failure or a restart of the whole run),
+wraps the model with `ray.train.torch.prepare_model` (gloo on CPU, NCCL on
+GPU) and trains on the rows `data_pipeline.stream` assigns to it, which Ray
+Data reads for it (`data_pipeline.ingest`, from its dataset shard) unless
+`data.ingest: direct`. What it is given is a `WorkerSpec`; at each report
+(`Schedule`) all ranks call `ray.train.report` (a barrier) with the same
+`StepReport` from their `MetricsWindow`; rank 0 also attaches a checkpoint.
+Workers never talk to MLflow: the coordinator on the driver side logs what
+they report.
 """
 
 from __future__ import annotations
@@ -17,13 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import random
-import resource
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,19 +44,13 @@ from gptdist.checkpoint import (
 )
 from gptdist.checkpoint_source import latest_ray_checkpoint
 from gptdist.config import Config, config_from_dict, gradient_accumulation_steps
-from gptdist.metrics import checked_peak, mfu, peak_flops
+from gptdist.metrics_window import MetricsWindow, all_reduce_mean, print_line, report_line
 from gptdist.model import GPT
 from gptdist.precision_probe import ProbeResult, cache_file, model_matmuls, probe_precision
 from gptdist.tokenizer import EOT_TOKEN, decode, encode
-from gptdist.fault_injection import (
-    append_audit,
-    maybe_die_while_checkpointing,
-    maybe_inject_fault,
-    poison_loss_from,
-    write_pid,
-)
 from gptdist.train_step import (autocast_context, build_optimizer, learning_rate, optimizer_step, resolve_chunked_loss,
                                 resolve_precision)
+from gptdist.worker_contract import StepReport, WorkerSpec
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,11 +58,51 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class LoopState:
+class TrainState:
+    """Everything a step changes, and what a checkpoint saves."""
+
+    model: GPT  # the bare model (checkpoints, evaluation, samples)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    wrapped: torch.nn.Module | None = None  # DDP / torch.compile around `model`: what trains
     step: int = 0  # optimizer steps done
     tokens_seen: int = 0
     nonfinite_steps: int = 0  # skipped in total
     nonfinite_in_a_row: int = 0
+
+    def advance(self, applied: bool, tokens: int) -> None:
+        self.nonfinite_in_a_row = 0 if applied else self.nonfinite_in_a_row + 1
+        self.nonfinite_steps += 0 if applied else 1
+        self.step += 1
+        self.tokens_seen += tokens
+
+
+@dataclass(frozen=True)
+class Due:
+    report: bool
+    eval: bool
+    checkpoint: bool
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When to report, evaluate and checkpoint: every interval and at the end."""
+
+    max_steps: int
+    log_interval: int
+    eval_interval: int
+    checkpoint_interval: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Schedule:
+        t = cfg.train
+        return cls(t.max_steps, t.log_interval, t.eval_interval, t.checkpoint_interval)
+
+    def at(self, step: int) -> Due:
+        last = step == self.max_steps
+        evaluate = step % self.eval_interval == 0 or last
+        checkpoint = step % self.checkpoint_interval == 0 or last
+        return Due(step % self.log_interval == 0 or evaluate or checkpoint, evaluate, checkpoint)
 
 
 # --- building blocks ---------------------------------------------------------
@@ -141,13 +171,6 @@ def probe_cpu_precision(cfg: Config, rank: int, world: int, chunked_loss: bool) 
     return result[0]
 
 
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= dist.get_world_size()
-    return values
-
-
 def open_train_stream(cfg: Config, shards: list[Shard], rank: int, world: int) -> RayDataStream | TrainStream:
     """This rank's micro-batches: from its Ray Data shard (every rank asks
     for it: `get_dataset_shard` is a barrier), or read from the shards."""
@@ -192,11 +215,11 @@ def evaluate(model, shards: list[Shard], cfg: Config, rank: int, world: int, dev
     return all_reduce_mean(torch.stack(losses).mean().reshape(1))[0].item()
 
 
-def write_checkpoint(folder: Path, model, optimizer, scaler, state: LoopState, cfg: Config,
-                     stream: RayDataStream | TrainStream, loop_config: dict) -> None:
+def write_checkpoint(folder: Path, state: TrainState, cfg: Config, stream: RayDataStream | TrainStream,
+                     spec: WorkerSpec) -> None:
     train_state = {
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {},
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else {},
         "rng": rng_state(),
         "nonfinite_steps": state.nonfinite_steps,
     }
@@ -206,17 +229,28 @@ def write_checkpoint(folder: Path, model, optimizer, scaler, state: LoopState, c
         "data_position": stream.position(state.step),
         "global_batch_size": cfg.train.global_batch_size,
         "model": model_meta(cfg.model.to_gpt_config()),
-        "dataset_manifest_sha256": loop_config["dataset"]["manifest_sha256"],
-        "data_path": loop_config["dataset"]["path"],
-        "mlflow_run_id": loop_config.get("mlflow_run_id"),
+        "dataset_manifest_sha256": spec.dataset.manifest_sha256,
+        "data_path": spec.dataset.path,
+        "mlflow_run_id": spec.mlflow_run_id,
         "config": cfg.to_dict(),
     }
-    hooks = loop_config.get("test_hooks", {})
-    save_checkpoint(folder, clean_state_dict(model), train_state, meta,
-                    before_meta=lambda: maybe_die_while_checkpointing(hooks, state.step, loop_config["fault_marker_dir"]))
+    save_checkpoint(folder, clean_state_dict(state.model), train_state, meta,
+                    before_meta=lambda: spec.hooks.while_checkpointing(state.step))
 
 
-def checkpoint_to_resume(loop_config: dict) -> ray.train.Checkpoint | None:
+def send_report(report: StepReport, with_checkpoint: bool, rank: int, state: TrainState, cfg: Config,
+                stream: RayDataStream | TrainStream, spec: WorkerSpec) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
+    if not (with_checkpoint and rank == 0):
+        ray.train.report(report.to_ray())
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(Path(tmp), state, cfg, stream, spec)
+        ray.train.report(report.to_ray(), checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+
+
+def checkpoint_to_resume(spec: WorkerSpec) -> ray.train.Checkpoint | None:
     """The checkpoint Ray Train hands this attempt when it is complete; when
     it is not (its meta.json missing: a write cut short, a folder damaged
     since), the run's latest complete one, the same rule `sample`, `eval`,
@@ -227,207 +261,29 @@ def checkpoint_to_resume(loop_config: dict) -> ray.train.Checkpoint | None:
     meta = Path(checkpoint.path) / META_FILE
     if checkpoint.filesystem.get_file_info(str(meta)).type == pyarrow.fs.FileType.File:
         return checkpoint
-    fallback = latest_ray_checkpoint(loop_config["run_folder"])
+    fallback = latest_ray_checkpoint(spec.run_folder)
     if ray.train.get_context().get_world_rank() == 0:
-        sys.stdout.write(f"checkpoint {checkpoint.path} is incomplete ({META_FILE} missing); "
-                         f"resuming from {fallback}\n")
+        print_line(f"checkpoint {checkpoint.path} is incomplete ({META_FILE} missing); resuming from {fallback}")
     return ray.train.Checkpoint(str(fallback))
 
 
-def restore(model, optimizer, scaler, cfg: Config, loop_config: dict) -> LoopState:
-    """Load the checkpoint this attempt resumes from, if any."""
-    checkpoint = checkpoint_to_resume(loop_config)
+def restore(state: TrainState, cfg: Config, spec: WorkerSpec) -> None:
+    """Load the checkpoint this attempt resumes from, if any, into `state`."""
+    checkpoint = checkpoint_to_resume(spec)
     if checkpoint is None:
-        return LoopState()
+        return
     with local_checkpoint_folder(checkpoint) as folder:
         model_state, meta = load_model_state(folder)
         check_resumable(meta, cfg.model.to_gpt_config(), cfg.train.global_batch_size,
-                        loop_config["dataset"]["manifest_sha256"], f"{cfg.train.run_name} ({checkpoint.path})")
+                        spec.dataset.manifest_sha256, f"{cfg.train.run_name} ({checkpoint.path})")
         train_state = load_train_state(folder)
-    model.load_state_dict(model_state)
-    optimizer.load_state_dict(train_state["optimizer"])
-    if scaler is not None and train_state["scaler"]:
-        scaler.load_state_dict(train_state["scaler"])
+    state.model.load_state_dict(model_state)
+    state.optimizer.load_state_dict(train_state["optimizer"])
+    if state.scaler is not None and train_state["scaler"]:
+        state.scaler.load_state_dict(train_state["scaler"])
     restore_rng_state(train_state["rng"])
-    return LoopState(step=meta["step"], tokens_seen=meta["tokens_seen"],
-                     nonfinite_steps=train_state["nonfinite_steps"])
-
-
-# --- the loop ------------------------------------------------------------------
-
-
-def train_worker(loop_config: dict) -> dict:
-    """Entry point of each Ray Train worker (`TorchTrainer(train_worker, ...)`)."""
-    cfg = config_from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    quiet_report_log()
-    threads = set_cpu_threads(cfg)
-    write_pid(loop_config.get("pid_dir"), rank)
-    device = ray.train.torch.get_device()
-    chunked_loss = resolve_chunked_loss(cfg.train.chunked_loss, device)
-    precision, probe = resolve_precision(cfg.train.precision, device,
-                                         lambda: probe_cpu_precision(cfg, rank, world, chunked_loss))
-    if probe and rank == 0:
-        sys.stdout.write(probe.summary() + "\n")  # not print(): see the progress line below
-        sys.stdout.flush()
-    accumulation = gradient_accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, world)
-
-    torch.manual_seed(cfg.train.seed)  # identical init on every rank
-    model = GPT(cfg.model.to_gpt_config(), chunked_loss=chunked_loss).to(device)
-    optimizer = build_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
-    state = restore(model, optimizer, scaler, cfg, loop_config)
-    raw_model = model
-    current_step = [state.step]
-    poison_loss_from(raw_model, loop_config.get("test_hooks", {}), current_step)
-    model = ray.train.torch.prepare_model(model)  # DDP when world > 1
-    if cfg.train.compile:
-        model = torch.compile(model)
-
-    data = loop_config["dataset"]
-    train_shards = [Shard(p, f, n) for p, f, n in data["train_shards"]]
-    val_shards = [Shard(p, f, n) for p, f, n in data["val_shards"]]
-    stream = open_train_stream(cfg, train_shards, rank, world)
-    fpt = raw_model.flops_per_token()
-    # MFU's denominator, all workers together. Measured at the first report,
-    # not here: on a 2-core CPU the probe shares the cores with the start-up
-    # of Ray Train's controller and read 10-20% below the quiet peak, which
-    # inflated every MFU of the run.
-    peak: float | None = None
-    peak_rechecked = False
-    tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
-    is_ddp = world > 1
-
-    loss_sum = torch.zeros((), device=device)
-    window_steps, window_start = 0, time.perf_counter()
-    last_val = float("nan")
-    first_step_at, reported_once = None, False
-    while state.step < cfg.train.max_steps:
-        maybe_inject_fault(state.step, cfg, loop_config["fault_marker_dir"])
-        current_step[0] = state.step
-        lr = learning_rate(state.step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_rows: list[int] = []
-
-        def micro_batches():
-            for rows, tokens in stream.micro_batches(state.step):
-                step_rows.extend(rows.tolist())
-                yield tokens
-
-        step_loss, grad_norm, applied = optimizer_step(
-            model, optimizer, scaler, micro_batches(), accumulation, precision, device,
-            cfg.train.grad_clip, is_ddp)
-        loss_sum += step_loss
-        if first_step_at is None and window_steps == 0 and not reported_once:
-            first_step_at = time.time()
-        if applied:
-            state.nonfinite_in_a_row = 0
-        else:
-            state.nonfinite_steps += 1
-            state.nonfinite_in_a_row += 1
-        append_audit(loop_config.get("audit_dir"), state.step, rank, step_rows)
-        state.step += 1
-        state.tokens_seen += tokens_per_step
-        window_steps += 1
-
-        if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-            # Skipped steps never touched the weights: checkpoint the last good state.
-            report({"step": state.step, "nonfinite_steps": state.nonfinite_steps}, True, rank,
-                   raw_model, optimizer, scaler, state, cfg, stream, loop_config)
-            raise NonFiniteLossError(
-                f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
-                f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); stopped at step "
-                f"{state.step}; the last good state is the latest checkpoint"
-            )
-        last = state.step == cfg.train.max_steps
-        do_eval = state.step % cfg.train.eval_interval == 0 or last
-        do_ckpt = state.step % cfg.train.checkpoint_interval == 0 or last
-        if not (state.step % cfg.train.log_interval == 0 or do_eval or do_ckpt):
-            if state.step == 1:  # a first progress line after one step, not after `log_interval`
-                print_first_step(state.step, cfg, loss_sum, window_steps, window_start, tokens_per_step, lr, rank)
-            continue
-
-        # One host sync per report, not per step.
-        elapsed = time.perf_counter() - window_start
-        train_loss = all_reduce_mean(loss_sum.reshape(1) / window_steps)[0].item()
-        tokens_per_s = window_steps * tokens_per_step / elapsed
-        measure_peak = lambda: peak_flops(device, precision, cfg.train.cpu_peak_flops) * world
-        peak = peak or measure_peak()
-        recheck = not peak_rechecked and tokens_per_s * fpt > peak  # under-measured: see metrics.checked_peak
-        if recheck:
-            peak, peak_rechecked = checked_peak(peak, tokens_per_s * fpt, measure_peak), True
-        metrics = {
-            "step": state.step,
-            "train/loss": train_loss,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            "tokens_per_s": tokens_per_s,
-            "mfu": mfu(tokens_per_s, fpt, peak),
-            "step_time_ms": 1000 * elapsed / window_steps,
-            "tokens_seen": state.tokens_seen,
-            "epoch": state.step / stream.steps_per_epoch,
-            "nonfinite_steps": state.nonfinite_steps,
-            "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        }
-        if first_step_at is not None:  # the first report of this attempt
-            metrics["time_to_first_step_s"] = first_step_at - loop_config["driver_start_time"]
-            metrics["run_tags"] = {"gptdist.precision": precision, "gptdist.device": str(device),
-                                   "gptdist.world_size": str(world), "gptdist.cpu_threads": str(threads),
-                                   "gptdist.chunked_loss": str(raw_model.chunked_loss).lower(),
-                                   # MFU's denominator, all workers together
-                                   "gptdist.mfu_peak_tflops": f"{peak / 1e12:.3f}",
-                                   # what this process's malloc was started with (trainer.WORKER_MALLOC_ENV)
-                                   "gptdist.worker_keeps_freed_memory": str(os.environ.get("MALLOC_MMAP_MAX_") == "0").lower(),
-                                   **(probe.tags() if probe else {})}
-            first_step_at = None
-        elif recheck:
-            metrics["run_tags"] = {"gptdist.mfu_peak_tflops": f"{peak / 1e12:.3f}"}
-        if device.type == "cuda":
-            metrics["device_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        if do_eval:
-            last_val = evaluate(raw_model, val_shards, cfg, rank, world, device, precision)
-            metrics["val/loss"] = last_val
-            if rank == 0 and cfg.train.sample_tokens > 0:
-                metrics["sample"] = training_sample(raw_model, cfg, device)
-        if rank == 0:
-            # Not print(): Ray Train patches it into a logger whose handlers
-            # show each line twice on the driver.
-            val = f"{last_val:.4f}" if math.isfinite(last_val) else "-"
-            sys.stdout.write(progress_line(state.step, cfg.train.max_steps, train_loss, val, lr,
-                                           metrics["step_time_ms"], tokens_per_s, metrics["mfu"]) + "\n")
-            sys.stdout.flush()
-        report(metrics, do_ckpt, rank, raw_model, optimizer, scaler, state, cfg, stream, loop_config)
-        loss_sum.zero_()
-        reported_once = True
-        window_steps, window_start = 0, time.perf_counter()
-    return {"step": state.step, "val_loss": last_val, "param_digests": gather_param_digests(raw_model, world)}
-
-
-def progress_line(step: int, max_steps: int, loss: float, val: str, lr: float, step_ms: float,
-                  tokens_per_s: float, mfu_value: float | None) -> str:
-    """`step 10/60 | loss 6.1234 | val - | lr 9.09e-04 | 4,520 ms/step | 902 tok/s | mfu 28.0% | eta 3m46s`:
-    the ETA at this window's step time."""
-    eta_s = round((max_steps - step) * step_ms / 1000)
-    eta = f"{eta_s // 3600}h{eta_s % 3600 // 60:02d}m" if eta_s >= 3600 else f"{eta_s // 60}m{eta_s % 60:02d}s"
-    width = len(str(max_steps))
-    mfu_text = "-" if mfu_value is None else f"{mfu_value:.1%}"
-    return (f"step {step:>{width}}/{max_steps} | loss {loss:.4f} | val {val} | lr {lr:.2e} | {step_ms:,.0f} ms/step "
-            f"| {tokens_per_s:,.0f} tok/s | mfu {mfu_text} | eta {eta}")
-
-
-def print_first_step(step: int, cfg: Config, loss_sum: torch.Tensor, window_steps: int, window_start: float,
-                     tokens_per_step: int, lr: float, rank: int) -> None:
-    """The progress line of the run's first step, printed, not reported (the
-    logging window goes on to the first report). Every rank calls it: the
-    loss is averaged over ranks."""
-    elapsed = time.perf_counter() - window_start
-    loss = all_reduce_mean(loss_sum.reshape(1) / window_steps)[0].item()
-    if rank == 0:
-        sys.stdout.write(progress_line(step, cfg.train.max_steps, loss, "-", lr, 1000 * elapsed / window_steps,
-                                       window_steps * tokens_per_step / elapsed, None) + "\n")
-        sys.stdout.flush()
+    state.step, state.tokens_seen = meta["step"], meta["tokens_seen"]
+    state.nonfinite_steps = train_state["nonfinite_steps"]
 
 
 def gather_param_digests(model: torch.nn.Module, world: int) -> list[str]:
@@ -443,12 +299,119 @@ def gather_param_digests(model: torch.nn.Module, world: int) -> list[str]:
     return digests
 
 
-def report(metrics, with_checkpoint, rank, model, optimizer, scaler, state, cfg, stream, loop_config) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
-    if not (with_checkpoint and rank == 0):
-        ray.train.report(metrics)
+# --- setting up a worker ---------------------------------------------------------
+
+
+def build_state(cfg: Config, device: torch.device, precision: str, chunked_loss: bool) -> TrainState:
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank
+    model = GPT(cfg.model.to_gpt_config(), chunked_loss=chunked_loss).to(device)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
+    return TrainState(model, build_optimizer(model, cfg, device), scaler)
+
+
+def wrap_model(state: TrainState, cfg: Config) -> None:
+    state.wrapped = ray.train.torch.prepare_model(state.model)  # DDP when world > 1
+    if cfg.train.compile:
+        state.wrapped = torch.compile(state.wrapped)
+
+
+def run_facts(precision: str, device: torch.device, world: int, threads: int, chunked_loss: bool,
+              probe: ProbeResult | None) -> dict[str, str]:
+    """What only a worker knows about the run (MLflow tags `gptdist.<name>`)."""
+    return {"precision": precision, "device": str(device), "world_size": str(world), "cpu_threads": str(threads),
+            "chunked_loss": str(chunked_loss).lower(),
+            # what this process's malloc was started with (driver.WORKER_MALLOC_ENV)
+            "worker_keeps_freed_memory": str(os.environ.get("MALLOC_MMAP_MAX_") == "0").lower(),
+            **(probe.facts() if probe else {})}
+
+
+def stop_if_diverged(state: TrainState, cfg: Config, rank: int, stream, spec: WorkerSpec) -> None:
+    """After train.max_nonfinite_steps skipped steps in a row, checkpoint the
+    last good state (skipped steps never touched the weights) and stop."""
+    if state.nonfinite_in_a_row < cfg.train.max_nonfinite_steps:
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(Path(tmp), model, optimizer, scaler, state, cfg, stream, loop_config)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+    send_report(StepReport(state.step, {"nonfinite_steps": state.nonfinite_steps}), True, rank, state, cfg,
+                stream, spec)
+    raise NonFiniteLossError(
+        f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+        f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); stopped at step "
+        f"{state.step}; the last good state is the latest checkpoint")
+
+
+# --- the loop ------------------------------------------------------------------
+
+
+def train_worker(spec: WorkerSpec) -> dict:
+    """Entry point of each Ray Train worker (`TorchTrainer(train_worker, ...)`)."""
+    cfg = config_from_dict(spec.config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    quiet_report_log()
+    threads = set_cpu_threads(cfg)
+    spec.hooks.on_start(rank)
+    device = ray.train.torch.get_device()
+    chunked_loss = resolve_chunked_loss(cfg.train.chunked_loss, device)
+    precision, probe = resolve_precision(cfg.train.precision, device,
+                                         lambda: probe_cpu_precision(cfg, rank, world, chunked_loss))
+    if probe and rank == 0:
+        print_line(probe.summary())
+    state = build_state(cfg, device, precision, chunked_loss)
+    restore(state, cfg, spec)
+    spec.hooks.attach(state.model)
+    wrap_model(state, cfg)
+    stream = open_train_stream(cfg, spec.dataset.train_shards, rank, world)
+    accumulation = gradient_accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, world)
+    tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
+    window = MetricsWindow(tokens_per_step=tokens_per_step, flops_per_token=state.model.flops_per_token(),
+                           world=world, device=device, precision=precision, configured_peak=cfg.train.cpu_peak_flops)
+    facts = run_facts(precision, device, world, threads, state.model.chunked_loss, probe)
+    schedule, last_val = Schedule.from_config(cfg), float("nan")
+
+    while state.step < cfg.train.max_steps:
+        spec.hooks.before_step(state.step, rank)
+        lr = learning_rate(state.step, cfg)
+        rows, loss, grad_norm, applied = train_step(state, stream, accumulation, lr, precision, device, cfg, world)
+        spec.hooks.after_step(state.step, rank, rows)
+        state.advance(applied, tokens_per_step)
+        window.add(loss)
+        stop_if_diverged(state, cfg, rank, stream, spec)
+        due = schedule.at(state.step)
+        if not due.report:
+            line = window.first_step_line(state.step, cfg.train.max_steps, lr) if state.step == 1 else None
+            if line and rank == 0:  # a first progress line after one step, not after `log_interval`
+                print_line(line)
+            continue
+        report = window.close(state.step, lr, grad_norm, state.tokens_seen, state.step / stream.steps_per_epoch,
+                              state.nonfinite_steps)
+        first_step_at = window.take_first_step_time()
+        if first_step_at is not None:  # the first report of this attempt
+            report.metrics["time_to_first_step_s"] = first_step_at - spec.driver_start_time
+            report.facts = {**facts, "mfu_peak_tflops": f"{window.peak / 1e12:.3f}", **report.facts}
+        if due.eval:
+            last_val = report.metrics["val/loss"] = evaluate(state.model, spec.dataset.val_shards, cfg, rank, world,
+                                                             device, precision)
+            if rank == 0 and cfg.train.sample_tokens > 0:
+                report.sample = training_sample(state.model, cfg, device)
+        if rank == 0:
+            print_line(report_line(report, cfg.train.max_steps, last_val))
+        send_report(report, due.checkpoint, rank, state, cfg, stream, spec)
+    return {"step": state.step, "val_loss": last_val, "param_digests": gather_param_digests(state.model, world)}
+
+
+def train_step(state: TrainState, stream, accumulation: int, lr: float, precision: str, device, cfg: Config,
+               world: int) -> tuple[list[int], torch.Tensor, torch.Tensor, bool]:
+    """One optimizer step over this rank's micro-batches of the step: the
+    rows it trained, the loss (a device tensor), the gradient norm, and
+    whether the update was applied (not skipped for a non-finite value)."""
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    rows: list[int] = []
+
+    def micro_batches():
+        for indices, tokens in stream.micro_batches(state.step):
+            rows.extend(indices.tolist())
+            yield tokens
+
+    loss, grad_norm, applied = optimizer_step(state.wrapped, state.optimizer, state.scaler, micro_batches(),
+                                              accumulation, precision, device, cfg.train.grad_clip, world > 1)
+    return rows, loss, grad_norm, applied

@@ -1,7 +1,7 @@
 """`gptdist tune`: a Ray Tune search over model shapes and learning rates.
 
 Every trial is a whole `gptdist train` run: the Tune trainable calls
-`trainer.train_main` with the trial's config, so trials train with the same
+`driver.train_main` with the trial's config, so trials train with the same
 driver, workers, checkpoints and MLflow coordinator as a single run. Metrics
 reach Tune through `TuneReportCallback` on the Ray Train controller.
 
@@ -30,12 +30,9 @@ What the sweep guarantees:
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
-import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -46,198 +43,22 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from gptdist import tracking
 from gptdist.config import Config, ConfigError, config_from_dict, flatten
-from gptdist.model import GPTConfig, analytic_num_params, flops_per_token
 from gptdist.redaction import redact_text
 from gptdist.ray_session import connect_ray, use_gpu
-from gptdist.trainer import open_dataset, open_tracking, storage_path, train_main
+from gptdist.driver import train_main
+from gptdist.ray_session import storage_path
+from gptdist.run_data import open_dataset
+from gptdist.tracking import open_tracking
+from gptdist.tune_results import (TrialResult, best_config, best_trial, collect_results, plot_val_loss_vs_params,
+                                  results_csv, results_markdown)
+from gptdist.tune_space import (TRIAL_DRIVER_CPU, InvalidShape, Shape, distinct, budget_steps, check_tune_config,
+                                concurrent_trials, model_cost, reports_per_trial, search_shapes, trial_config,
+                                trial_cpus, trial_run_name)
 
 SWEEP_KIND = "tune-sweep"
 TRIAL_KIND = "tune"
-# The trial's own driver (the Tune actor that runs train_main) does no work;
-# Tune refuses a zero CPU request, so it asks for a sliver.
-TRIAL_DRIVER_CPU = 0.01
-# ASHA needs a few points per trial to compare trials before they finish.
-MIN_REPORTS = 4
 # ASHA's clock: reports' worth of the trial's budget spent (see BudgetReportCallback).
 TIME_ATTR = "budget_reports"
-
-
-# --- the search space ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Shape:
-    n_layer: int
-    n_head: int
-    n_embd: int
-
-    @property
-    def name(self) -> str:
-        return f"L{self.n_layer}-H{self.n_head}-E{self.n_embd}"
-
-    @classmethod
-    def from_name(cls, name: str) -> Shape:
-        match = re.fullmatch(r"L(\d+)-H(\d+)-E(\d+)", name)
-        if not match:
-            raise ValueError(f"not a shape name: {name!r} (expected L<layers>-H<heads>-E<width>)")
-        return cls(*map(int, match.groups()))
-
-    def gpt_config(self, cfg: Config) -> GPTConfig:
-        return replace(cfg.model.to_gpt_config(), n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
-
-
-@dataclass(frozen=True)
-class InvalidShape:
-    n_layer: int
-    n_head: int
-    n_embd: int | None
-    head_dim: int | None
-    reason: str
-
-
-def _unique(values) -> list:
-    return list(dict.fromkeys(values))
-
-
-def search_shapes(cfg: Config) -> tuple[list[Shape], list[InvalidShape]]:
-    """Valid and invalid shapes of n_layer x n_head x (n_embd or head_dim).
-
-    Width comes from tune.n_embd, else from tune.head_dim (n_embd = n_head x
-    head_dim), else from the model config. With both lists a shape is valid
-    when its n_embd is n_head x head_dim for some head_dim in the list."""
-    t = cfg.tune
-    default_embd = cfg.model.to_gpt_config().n_embd
-    valid: list[Shape] = []
-    invalid: list[InvalidShape] = []
-    for n_layer in _unique(t.n_layer):
-        for n_head in _unique(t.n_head):
-            if t.n_embd is None and t.head_dim is not None:
-                candidates = [(n_head * d, d, None) for d in _unique(t.head_dim)]
-            else:
-                candidates = []
-                for n_embd in _unique(t.n_embd or [default_embd]):
-                    reason = None
-                    if t.head_dim is not None and not any(n_head * d == n_embd for d in t.head_dim):
-                        reason = (f"n_embd={n_embd} is not n_head={n_head} x any head_dim "
-                                  f"in tune.head_dim={t.head_dim}")
-                    candidates.append((n_embd, None, reason))
-            for n_embd, head_dim, reason in candidates:
-                shape = Shape(n_layer, n_head, n_embd)
-                if reason is None:
-                    try:
-                        shape.gpt_config(cfg).validate(prefix="tune")
-                    except ValueError as e:
-                        reason = str(e)
-                if reason is None:
-                    valid.append(shape)
-                else:
-                    invalid.append(InvalidShape(n_layer, n_head, n_embd, head_dim, reason))
-    return _unique(valid), invalid
-
-
-def check_tune_config(cfg: Config) -> None:
-    """The tune section's own checks, with errors naming the key."""
-    t = cfg.tune
-    for key in ("n_layer", "n_head", "learning_rate"):
-        if not getattr(t, key):
-            raise ConfigError(f"tune.{key} must be a non-empty list")
-    for key in ("n_embd", "head_dim"):
-        if getattr(t, key) is not None and not getattr(t, key):
-            raise ConfigError(f"tune.{key} must be null or a non-empty list")
-    if any(lr <= 0 for lr in t.learning_rate):
-        raise ConfigError(f"tune.learning_rate={t.learning_rate} must hold positive values")
-    if t.max_steps is None and t.flops_budget is None:
-        raise ConfigError("set tune.max_steps or tune.flops_budget: the budget of each trial")
-    if t.flops_budget is not None and t.flops_budget <= 0:
-        raise ConfigError(f"tune.flops_budget={t.flops_budget} must be positive")
-    if t.flops_budget is None and t.max_steps < 1:
-        raise ConfigError(f"tune.max_steps={t.max_steps} must be at least 1")
-    for key in ("num_samples", "grace_period"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"tune.{key}={getattr(t, key)} must be at least 1")
-    if t.reduction_factor < 2:
-        raise ConfigError(f"tune.reduction_factor={t.reduction_factor} must be at least 2")
-    if t.max_concurrent_trials is not None and t.max_concurrent_trials < 1:
-        raise ConfigError(f"tune.max_concurrent_trials={t.max_concurrent_trials} must be at least 1")
-    if not t.name or "/" in t.name:
-        raise ConfigError(f"tune.name={t.name!r} must be a non-empty name without '/'")
-
-
-# --- budgets ---------------------------------------------------------------------
-
-
-def model_cost(cfg: Config, shape: Shape) -> tuple[int, int]:
-    """(parameters, training FLOPs per token) of a shape, without building it."""
-    gpt = shape.gpt_config(cfg)
-    params = analytic_num_params(gpt)
-    non_embedding = params - gpt.block_size * gpt.n_embd  # as GPT.num_params(non_embedding=True)
-    return params, flops_per_token(gpt, non_embedding)
-
-
-def steps_for_flops(flops_budget: float, flops_per_token: int, global_batch_size: int, block_size: int) -> int:
-    """Optimizer steps that a FLOP budget buys: floor(budget / FLOPs per step), at least 1."""
-    return max(1, math.floor(flops_budget / (flops_per_token * global_batch_size * block_size)))
-
-
-def budget_steps(cfg: Config, shape: Shape) -> int:
-    """A trial's step budget: tune.flops_budget (when set) at this shape's
-    cost, else tune.max_steps."""
-    if cfg.tune.flops_budget is None:
-        return cfg.tune.max_steps
-    _, fpt = model_cost(cfg, shape)
-    return steps_for_flops(cfg.tune.flops_budget, fpt, cfg.train.global_batch_size, cfg.model.block_size)
-
-
-def reports_per_trial(cfg: Config, shapes: list[Shape]) -> int:
-    """How often every trial reports and evaluates. The trial with the
-    fewest steps reports at the configured interval (the smaller of
-    train.log_interval and train.eval_interval), or more often to reach
-    MIN_REPORTS; the others report as often, at longer intervals."""
-    fewest = min(budget_steps(cfg, s) for s in shapes)
-    interval = min(cfg.train.log_interval, cfg.train.eval_interval)
-    return min(fewest, max(MIN_REPORTS, math.ceil(fewest / interval)))
-
-
-def report_interval(steps: int, reports: int) -> int:
-    return math.ceil(steps / reports)
-
-
-def trial_config(cfg: Config, shape: Shape, learning_rate: float, reports: int, seed: int | None = None) -> Config:
-    """The full config of one trial (validated): the shape, the learning
-    rate (min_lr keeps its ratio to it), the step budget, and an eval at
-    every report so that the metric is in every result ASHA sees."""
-    trial = config_from_dict(cfg.to_dict())
-    trial.model.n_layer, trial.model.n_head, trial.model.n_embd = shape.n_layer, shape.n_head, shape.n_embd
-    t = trial.train
-    t.min_lr = float(f"{learning_rate * cfg.train.min_lr / cfg.train.learning_rate:.12g}")
-    t.learning_rate = learning_rate
-    t.max_steps = budget_steps(cfg, shape)
-    interval = report_interval(t.max_steps, reports)
-    t.log_interval = t.eval_interval = interval
-    t.checkpoint_interval = interval * math.ceil(cfg.train.checkpoint_interval / interval)
-    if seed is not None:
-        t.seed = seed
-    t.run_name = None
-    return config_from_dict(trial.to_dict())
-
-
-# --- resources ---------------------------------------------------------------------
-
-
-def trial_cpus(cfg: Config) -> float:
-    """CPUs one trial holds: its Train workers and its own driver."""
-    return cfg.ray.num_workers * cfg.ray.cpus_per_worker + TRIAL_DRIVER_CPU
-
-
-def concurrent_trials(cfg: Config, available_cpus: float, available_gpus: float = 0.0, gpu: bool = False) -> int:
-    """Trials that fit side by side: Tune only books each trial's driver,
-    the Train workers ask Ray for their resources themselves, so the limit
-    must come from here. At least 1; tune.max_concurrent_trials caps it."""
-    fit = math.floor(available_cpus / trial_cpus(cfg) + 1e-9)
-    if gpu:
-        fit = min(fit, math.floor(available_gpus / (cfg.ray.num_workers * cfg.ray.gpus_per_worker) + 1e-9))
-    cap = cfg.tune.max_concurrent_trials or fit
-    return max(1, min(fit, cap))
 
 
 # --- Tune wiring ---------------------------------------------------------------------
@@ -256,16 +77,12 @@ def results_dir(cfg: Config) -> Path:
     return tracking.runs_dir(cfg.tracking) / "tune" / cfg.tune.name
 
 
-def trial_run_name(sweep_name: str, trial_id: str) -> str:
-    return f"{sweep_name}-{trial_id}"
-
-
 def param_space(cfg: Config, shapes: list[Shape]) -> dict[str, Any]:
     """Grid: every valid shape x every learning rate, listed explicitly
     (num_samples repeats each with another seed). Random and Optuna draw
     num_samples trials from the same choices."""
     names = [s.name for s in shapes]
-    lrs = _unique(cfg.tune.learning_rate)
+    lrs = distinct(cfg.tune.learning_rate)
     if cfg.tune.search_alg == "grid":
         space = {"shape": tune.grid_search(names), "learning_rate": tune.grid_search(lrs)}
         if cfg.tune.num_samples > 1:
@@ -379,137 +196,6 @@ def build_tuner(cfg: Config, reports: int, parent_run_id: str | None, max_concur
     )
 
 
-# --- results ---------------------------------------------------------------------
-
-
-@dataclass
-class TrialResult:
-    trial: str
-    n_layer: int
-    n_head: int
-    n_embd: int
-    learning_rate: float
-    params: int
-    flops_per_token: int
-    steps: int
-    budget_steps: int
-    val_loss: float
-    metric: float
-    tokens_per_s: float
-    stopped_early: bool
-    status: str  # finished | stopped early | error
-    run_name: str
-
-    @property
-    def shape(self) -> Shape:
-        return Shape(self.n_layer, self.n_head, self.n_embd)
-
-
-def collect_results(cfg: Config, grid) -> list[TrialResult]:
-    rows = []
-    for result in grid:
-        trial_id = Path(result.path).name
-        shape = Shape.from_name(result.config["shape"])
-        params, fpt = model_cost(cfg, shape)
-        last = result.metrics or {}
-        history = result.metrics_dataframe
-        speeds = list(history["tokens_per_s"].dropna()) if history is not None and "tokens_per_s" in history else []
-        # The first window includes start-up; leave it out when there are others.
-        speed = sum(speeds[1:]) / len(speeds[1:]) if len(speeds) > 1 else (speeds[0] if speeds else float("nan"))
-        budget = budget_steps(cfg, shape)
-        steps = int(last.get("step", 0))
-        stopped_early = result.error is None and steps < budget
-        rows.append(TrialResult(
-            trial=trial_id, n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
-            learning_rate=result.config["learning_rate"], params=params, flops_per_token=fpt,
-            steps=steps, budget_steps=budget,
-            val_loss=float(last.get("val/loss", float("nan"))),
-            metric=float(last.get(cfg.tune.metric, float("nan"))),
-            tokens_per_s=speed, stopped_early=stopped_early,
-            status="error" if result.error is not None else ("stopped early" if stopped_early else "finished"),
-            run_name=trial_run_name(cfg.tune.name, trial_id),
-        ))
-    sign = 1 if cfg.tune.mode == "min" else -1
-    return sorted(rows, key=lambda r: (math.isnan(r.metric), sign * r.metric if not math.isnan(r.metric) else 0))
-
-
-def best_trial(rows: list[TrialResult]) -> TrialResult | None:
-    """The best trial that spent its whole budget (ASHA's survivors), else
-    the best of those that reported the metric at all. `rows` is sorted."""
-    scored = [r for r in rows if r.status != "error" and not math.isnan(r.metric)]
-    finished = [r for r in scored if not r.stopped_early]
-    return (finished or scored or [None])[0]
-
-
-COLUMNS = ["trial", "n_layer", "n_head", "n_embd", "lr", "params", "FLOPs/token", "steps",
-           "val loss", "tokens/s", "stopped early", "status"]
-
-
-def _table_rows(rows: list[TrialResult]) -> list[list[str]]:
-    return [[r.trial, str(r.n_layer), str(r.n_head), str(r.n_embd), f"{r.learning_rate:.3g}",
-             f"{r.params:,}", f"{r.flops_per_token:.3e}", f"{r.steps}/{r.budget_steps}",
-             f"{r.val_loss:.4f}", f"{r.tokens_per_s:,.0f}", "yes" if r.stopped_early else "no", r.status]
-            for r in rows]
-
-
-def results_markdown(rows: list[TrialResult]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in _table_rows(rows)]
-    return "\n".join(lines) + "\n"
-
-
-def results_csv(rows: list[TrialResult]) -> str:
-    out = io.StringIO()
-    fields = list(asdict(rows[0])) if rows else list(TrialResult.__dataclass_fields__)
-    writer = csv.DictWriter(out, fieldnames=fields)
-    writer.writeheader()
-    for r in rows:
-        writer.writerow(asdict(r))
-    return out.getvalue()
-
-
-def plot_val_loss_vs_params(rows: list[TrialResult], out: Path) -> Path | None:
-    """Validation loss against parameters, one point per trial; hollow
-    points were stopped early."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [r for r in rows if not math.isnan(r.val_loss)]
-    if not points:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, lr in enumerate(sorted({r.learning_rate for r in points})):
-        for early in (False, True):
-            group = [r for r in points if r.learning_rate == lr and r.stopped_early == early]
-            if group:
-                ax.scatter([r.params for r in group], [r.val_loss for r in group],
-                           facecolors="none" if early else f"C{i}", edgecolors=f"C{i}",
-                           label=f"lr {lr:.3g}" + (", stopped early" if early else ""))
-    for r in points:
-        ax.annotate(r.shape.name, (r.params, r.val_loss), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    if max(r.params for r in points) > 3 * min(r.params for r in points):
-        ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("validation loss (last report)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-def best_config(cfg: Config, best: TrialResult, reports: int) -> Config:
-    """A config for `gptdist train --config`: the sweep's config with the
-    best trial's shape, learning rate, step budget and intervals, a fresh
-    run name and the project's own storage."""
-    best_cfg = trial_config(cfg, best.shape, best.learning_rate, reports)
-    best_cfg.train.run_name = None
-    return best_cfg
-
-
 # --- the sweep ---------------------------------------------------------------------
 
 
@@ -561,7 +247,7 @@ def sweep_run_exists(cfg: Config) -> bool:
 def print_plan(cfg: Config, shapes: list[Shape], invalid: list[InvalidShape], reports: int, max_concurrent: int) -> None:
     t = cfg.tune
     budget = f"{t.flops_budget:.3g} FLOPs" if t.flops_budget is not None else f"{t.max_steps} steps"
-    print(f"sweep {t.name}: {len(shapes)} shape(s) x {len(_unique(t.learning_rate))} learning rate(s), "
+    print(f"sweep {t.name}: {len(shapes)} shape(s) x {len(distinct(t.learning_rate))} learning rate(s), "
           f"{t.search_alg} search, {t.scheduler} scheduler, {budget} per trial, "
           f"{reports} reports per trial, up to {max_concurrent} trial(s) at once")
     for s in shapes:

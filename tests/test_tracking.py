@@ -14,7 +14,7 @@ from data_pipeline.reader import first_row_tokens
 from gptdist.runs import format_table, run_rows
 from gptdist.tokenizer import decode
 from gptdist.tracking import TrackingUnavailableError
-from gptdist.trainer import train_main
+from gptdist.driver import train_main
 
 from support import BLOCK, free_port, tiny_config
 
@@ -111,10 +111,11 @@ def test_runs_table_lists_runs(server_run, mlflow_server, tmp_path, tiny_dataset
     assert (two["n_layer"], two["n_head"], two["n_embd"]) == ("2", "2", "64")
     assert two["status"] == "FINISHED" and two["steps"] == 4
     client = MlflowClient(mlflow_server)
-    best = min(m.value for m in client.get_metric_history(server_run["mlflow_run_id"], "val/loss"))
-    assert two["best val loss"] == pytest.approx(best)
+    final = max(client.get_metric_history(server_run["mlflow_run_id"], "val/loss"), key=lambda m: m.step).value
+    assert two["val loss"] == pytest.approx(final)
+    assert two["dataset"] == tiny_dataset.name
     table = format_table(rows)
-    assert "two-workers" in table and "resumed" in table and "best val loss" in table
+    assert "two-workers" in table and "resumed" in table and "val loss" in table and "dataset" in table
     out = subprocess.run([sys.executable, "-m", "gptdist.cli", "runs", "--set", f"tracking.uri={mlflow_server}",
                           "--experiment", "tracking-test"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "two-workers" in out.stdout and "resumed" in out.stdout

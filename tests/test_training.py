@@ -9,9 +9,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from data_pipeline.manifest import DatasetError
+from gptdist.fault_injection import FaultHooks
 from gptdist.checkpoint import load_model_state
-from gptdist.config import ConfigError
-from gptdist.trainer import CONTROLLER_POLL_ENV, train_main
+from gptdist.config import ConfigError, load_config
+from gptdist.driver import CONTROLLER_POLL_ENV, train_main
+from gptdist.preflight import check_memory, resolve_micro_batch
 
 from support import audited_rows, tiny_config as make_config
 
@@ -31,7 +33,7 @@ def loss_history(tmp: Path, run_id: str) -> dict[int, float]:
 def two_worker_run(tmp_path_factory, tiny_dataset):
     tmp = tmp_path_factory.mktemp("run2w")
     cfg = make_config(tmp, tiny_dataset, "two-workers", "ray.num_workers=2")
-    summary = train_main(cfg, extra_loop_config={"audit_dir": str(tmp / "audit")})
+    summary = train_main(cfg, hooks=FaultHooks(audit_dir=str(tmp / "audit")))
     return tmp, summary
 
 
@@ -64,7 +66,7 @@ def test_failure_resumes_exactly(tmp_path, tiny_dataset, two_worker_run):
     tmp_ref, ref = two_worker_run
     cfg = make_config(tmp_path, tiny_dataset, "failing", "ray.num_workers=2",
                       "train.fail_at_step=4", "ray.max_failures=1")
-    summary = train_main(cfg, extra_loop_config={"audit_dir": str(tmp_path / "audit")})
+    summary = train_main(cfg, hooks=FaultHooks(audit_dir=str(tmp_path / "audit")))
     assert summary["step"] == 6
     ref_params, params = final_params(ref), final_params(summary)
     for name in ref_params:
@@ -78,12 +80,12 @@ def test_failure_resumes_exactly(tmp_path, tiny_dataset, two_worker_run):
 def test_resume_on_other_worker_count(tmp_path, tiny_dataset, two_worker_run):
     """Stop after 3 steps on 2 workers; the same run name continues on 1."""
     tmp_ref, ref = two_worker_run
-    audit = {"audit_dir": str(tmp_path / "audit")}
+    audit = FaultHooks(audit_dir=str(tmp_path / "audit"))
     first = make_config(tmp_path, tiny_dataset, "resized", "ray.num_workers=2", "train.max_steps=3",
                         "train.lr_decay_steps=6")
-    train_main(first, extra_loop_config=audit)
+    train_main(first, hooks=audit)
     second = make_config(tmp_path, tiny_dataset, "resized", "ray.num_workers=1", "train.lr_decay_steps=6")
-    summary = train_main(second, extra_loop_config=audit)
+    summary = train_main(second, hooks=audit)
     assert summary["step"] == 6
     ref_params, params = final_params(ref), final_params(summary)
     for name in ref_params:
@@ -103,3 +105,19 @@ def test_bad_config_fails_before_workers(tmp_path, tiny_dataset):
     with pytest.raises(DatasetError, match=r"block_size=64, but the model has block_size=128"):
         train_main(cfg)
     assert not (tmp_path / "ray" / "bad-block").exists()  # no worker ever started
+
+
+def test_micro_batch_auto_on_a_real_node(ray_local):
+    """`--set ray.num_workers=2` alone is a valid run; a batch too large for
+    one forward pass is split into micro-steps that fit this node; an
+    explicit value stays as it is."""
+    two = load_config(overrides=["ray.num_workers=2"])
+    resolve_micro_batch(two)
+    assert two.train.micro_batch_size == 4
+    big = load_config(overrides=["model.preset=gpt2-medium", "train.global_batch_size=64"])
+    resolve_micro_batch(big)
+    assert 1 <= big.train.micro_batch_size < 64 and 64 % big.train.micro_batch_size == 0
+    check_memory(big)  # fits now
+    explicit = load_config(overrides=["ray.num_workers=2", "train.micro_batch_size=2"])
+    resolve_micro_batch(explicit)
+    assert explicit.train.micro_batch_size == 2

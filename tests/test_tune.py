@@ -17,19 +17,17 @@ from gptdist import tracking
 from gptdist.cli import main as cli_main
 from gptdist.config import ConfigError, load_config
 from gptdist.model import GPT
-from gptdist.tune import (
-    SWEEP_KIND,
+from gptdist.tune import SWEEP_KIND, search_algorithm, tune_main
+from gptdist.tune_space import (
     Shape,
     budget_steps,
     concurrent_trials,
     model_cost,
     report_interval,
     reports_per_trial,
-    search_algorithm,
     search_shapes,
     steps_for_flops,
     trial_config,
-    tune_main,
 )
 
 

@@ -134,7 +134,7 @@ TWO_NODE_DRIVER = textwrap.dedent(
     import ray
     from ray.util.state import list_actors
     from gptdist.config import load_config
-    from gptdist.trainer import train_main
+    from gptdist.driver import train_main
 
     cfg = load_config(None, sys.argv[1:])
     ray.init(address="auto")  # RAY_ADDRESS: the cluster's GCS

@@ -19,7 +19,8 @@ from gptdist.checkpoint import CheckpointError
 from gptdist.checkpoint_source import checkpoint_folders
 from gptdist.config import ConfigError
 from gptdist.ray_session import connect_ray
-from gptdist.trainer import StorageError, train_main
+from gptdist.driver import train_main
+from gptdist.preflight import StorageError
 
 
 def test_unreachable_ray_address_is_named():

@@ -16,9 +16,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from support import audited_rows, free_port, wait_for, start_mlflow_server, stop_process_group, tiny_config
+from gptdist.fault_injection import FaultHooks
 from gptdist.checkpoint import load_model_state, read_meta
 from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint, resolve_checkpoint
-from gptdist.trainer import train_main
+from gptdist.driver import train_main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,7 +30,7 @@ def reference(tmp_path_factory, tiny_dataset):
     tmp = tmp_path_factory.mktemp("reference")
     summary = train_main(tiny_config(tmp, tiny_dataset, "reference", "ray.num_workers=2",
                                      "train.checkpoint_interval=2"),
-                         extra_loop_config={"audit_dir": str(tmp / "audit")})
+                         hooks=FaultHooks(audit_dir=str(tmp / "audit")))
     return tmp, summary
 
 
@@ -45,7 +46,7 @@ def test_sigkill_a_worker_mid_run(tmp_path, tiny_dataset, reference):
     pids, audit = tmp_path / "pids", tmp_path / "audit"
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(train_main(
-        cfg, extra_loop_config={"audit_dir": str(audit), "pid_dir": str(pids)})))
+        cfg, hooks=FaultHooks(audit_dir=str(audit), pid_dir=str(pids)))))
     thread.start()
     # Kill rank 1 once step 3 has been trained (the latest checkpoint is step 2).
     wait_for(lambda: len(audited_rows(audit)) >= 3, what="three trained steps")
@@ -74,8 +75,8 @@ def test_sigkill_while_writing_a_checkpoint(tmp_path, tiny_dataset, reference):
     ref_tmp, ref = reference
     cfg = tiny_config(tmp_path, tiny_dataset, "killed-checkpoint", "ray.num_workers=2", "ray.max_failures=1",
                       "train.checkpoint_interval=2")
-    summary = train_main(cfg, extra_loop_config={"audit_dir": str(tmp_path / "audit"),
-                                                 "test_hooks": {"kill_while_checkpointing_step": 4}})
+    summary = train_main(cfg, hooks=FaultHooks(audit_dir=str(tmp_path / "audit"),
+                                                 kill_while_checkpointing_step=4))
     assert summary["step"] == 6
     assert (tmp_path / "ray" / "killed-checkpoint" / "killed-ckpt-4").exists()  # the kill happened
     assert_same_params(load_model_state(ref["checkpoint"])[0], load_model_state(summary["checkpoint"])[0])
@@ -90,16 +91,16 @@ def test_an_incomplete_latest_checkpoint_falls_back_to_the_one_before(tmp_path, 
     data stream), `--from <run folder>` loads that same one, and the end
     result equals the uninterrupted run's."""
     ref_tmp, ref = reference
-    audit = {"audit_dir": str(tmp_path / "audit")}
+    audit = FaultHooks(audit_dir=str(tmp_path / "audit"))
     common = ["ray.num_workers=2", "train.checkpoint_interval=2", "train.lr_decay_steps=6"]
     train_main(tiny_config(tmp_path, tiny_dataset, "incomplete", "train.max_steps=4", *common),
-               extra_loop_config=audit)
+               hooks=audit)
     run_dir = tmp_path / "ray" / "incomplete"
     (run_dir / "checkpoint_00000004" / "meta.json").unlink()
     assert latest_ray_checkpoint(run_dir).name == "checkpoint_00000002"
     cfg = tiny_config(tmp_path, tiny_dataset, "incomplete", "train.max_steps=6", *common)
     assert resolve_checkpoint(str(run_dir), cfg).name == "checkpoint_00000002"  # what sample/eval/export load
-    summary = train_main(cfg, extra_loop_config=audit)
+    summary = train_main(cfg, hooks=audit)
     assert "checkpoint_00000004 is incomplete" in capsys.readouterr().out
     assert summary["step"] == 6
     assert_same_params(load_model_state(ref["checkpoint"])[0], load_model_state(summary["checkpoint"])[0])
@@ -222,7 +223,7 @@ def test_non_finite_loss_stops_with_a_checkpoint(tmp_path, tiny_dataset):
     cfg = tiny_config(tmp_path, tiny_dataset, "nan", "ray.num_workers=1", "train.max_nonfinite_steps=2",
                       "train.checkpoint_interval=2")
     with pytest.raises(TrainingFailedError) as failure:
-        train_main(cfg, extra_loop_config={"test_hooks": {"nan_loss_from_step": 3}})
+        train_main(cfg, hooks=FaultHooks(nan_loss_from_step=3))
     assert "2 steps in a row had a non-finite loss" in str(failure.value)
     checkpoints = checkpoint_folders(tmp_path / "ray" / "nan")
     meta = read_meta(checkpoints[-1])

@@ -13,7 +13,7 @@ import pytest
 
 from gptdist.config import load_config
 from gptdist.memory_estimate import GiB, MemoryEstimateError, auto_micro_batch, check_fits, is_out_of_memory
-from gptdist.trainer import check_memory, estimate_worker_memory, resolve_micro_batch
+from gptdist.preflight import estimate_worker_memory
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,22 +41,6 @@ def test_auto_micro_batch_takes_the_largest_divisor_that_fits():
     assert auto_micro_batch(12, lambda m: m <= 5) == 4
     assert auto_micro_batch(64, lambda m: True, cap=16) == 16
     assert auto_micro_batch(8, lambda m: False) == 1  # check_memory then says why
-
-
-def test_micro_batch_auto_on_a_real_node(ray_local):
-    """`--set ray.num_workers=2` alone is a valid run; a batch too large for
-    one forward pass is split into micro-steps that fit this node; an
-    explicit value stays as it is."""
-    two = load_config(overrides=["ray.num_workers=2"])
-    resolve_micro_batch(two)
-    assert two.train.micro_batch_size == 4
-    big = load_config(overrides=["model.preset=gpt2-medium", "train.global_batch_size=64"])
-    resolve_micro_batch(big)
-    assert 1 <= big.train.micro_batch_size < 64 and 64 % big.train.micro_batch_size == 0
-    check_memory(big)  # fits now
-    explicit = load_config(overrides=["ray.num_workers=2", "train.micro_batch_size=2"])
-    resolve_micro_batch(explicit)
-    assert explicit.train.micro_batch_size == 2
 
 
 def test_ray_memory_monitor_kills_are_recognised():

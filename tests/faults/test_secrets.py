@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from gptdist.redaction import redact_text, redact_uri
 from gptdist.tracking import TrackingUnavailableError
-from gptdist.trainer import train_main
+from gptdist.driver import train_main
 from support import LOOPBACK, descendants, free_port, listening_sockets, tiny_config
 
 SECRET = "s3cret-pw"
@@ -52,16 +52,23 @@ def test_a_run_through_a_uri_with_a_password_stores_no_password(tmp_path, tiny_d
     assert SECRET not in open(config_yaml).read()
 
 
-def test_a_local_ray_and_mlflow_listen_on_loopback_only(tiny_dataset, mlflow_server, tmp_path):
-    """The module's Ray was started as `gptdist train --local` starts it;
-    after a run, every socket of it and of the MLflow server (all below this
-    process) listens on 127.0.0.1."""
-    cfg = tiny_config(tmp_path, tiny_dataset, "ports", "train.max_steps=1", "train.eval_interval=1",
-                      "train.checkpoint_interval=1", uri=mlflow_server)
-    train_main(cfg)
+def test_a_local_ray_and_mlflow_listen_on_loopback_only(tiny_dataset, mlflow_server):
+    """The module's Ray was started as `gptdist train --local` starts it
+    (the run above trained on it); with a worker process up, every socket of
+    it and of the MLflow server (all below this process) listens on 127.0.0.1."""
+    import ray
+
+    @ray.remote
+    class Worker:
+        def pid(self) -> int:
+            return os.getpid()
+
+    worker = Worker.remote()
+    ray.get(worker.pid.remote())
     sockets = listening_sockets(descendants(os.getpid()))
     names = {name for _, _, name in sockets}
     assert {"gcs_server", "raylet"} <= names and any(n.startswith("ray::") for n in names), sockets
     assert any(port == int(mlflow_server.rsplit(":", 1)[1]) for _, port, _ in sockets), sockets
     exposed = [s for s in sockets if s[0] not in LOOPBACK]
     assert not exposed, exposed
+    ray.kill(worker)
