@@ -4,6 +4,7 @@ processes killed with SIGKILL, a real MLflow server stopped mid-run."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,6 +142,21 @@ def the_only_run(tmp_path: Path):
     return client, runs[0]
 
 
+NOISE = ["Reporting training result", "PreemptionWatcher", "Progress bars disabled", "Running Dataset",
+         "Token authentication is enabled", "Creating initial MLflow database tables", "Started a local Ray instance"]
+
+
+def assert_console_contract(stdout: str, stderr: str, max_steps: int) -> None:
+    """What `gptdist train --local` prints: where Ray's logs are, progress
+    lines with totals (without Ray's worker prefix), none of Ray's noise."""
+    assert "Ray ready in" in stdout and "its logs: /" in stdout, stdout[-2000:]
+    last = rf"^step {max_steps}/{max_steps} \| loss [\d.]+ \| val [\d.]+ \| lr \S+ \| [\d,]+ ms/step \| [\d,]+ tok/s \| mfu \S+ \| eta 0m00s$"
+    assert re.search(last, stdout, re.M), stdout[-2000:]
+    assert not [line for line in stdout.splitlines() if "(RayTrainWorker" in line and "step " in line], stdout[-2000:]
+    for noise in NOISE:
+        assert noise not in stdout + stderr, noise
+
+
 def test_kill_the_driver_and_start_again(tmp_path, tiny_dataset):
     """SIGKILL `gptdist train` mid-run; the same command resumes from the
     latest checkpoint into the same MLflow run, each step logged once."""
@@ -152,6 +168,7 @@ def test_kill_the_driver_and_start_again(tmp_path, tiny_dataset):
     second = subprocess.run(args, cwd=REPO, env=local_env(), capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming MLflow run" in second.stdout
+    assert_console_contract(second.stdout, second.stderr, max_steps=12)
     client, run = the_only_run(tmp_path)
     assert run.info.status == "FINISHED"
     for key in ("train/loss", "lr", "tokens_seen"):
