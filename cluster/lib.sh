@@ -9,7 +9,8 @@
 #   *.pids         each group's processes right after start ("PID START NAME"),
 #                  which tells a live group from a reused PID
 #   logs/          ray-start.log, mlflow.log
-#   mlflow.db, mlartifacts/   the default MLflow store
+# The MLflow store is beside it (runs/mlflow.db, runs/mlartifacts/ by default),
+# the one `gptdist train --local` writes.
 # GPTDIST_PYTHON       the Python environment holding ray and mlflow (default: .venv/bin/python)
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -197,7 +197,7 @@ class LocalCluster:
 def local_cluster(tmp_path_factory):
     names = ["gcs", "dashboard", "client", "agent", "mlflow"]
     ports = dict(zip(names, free_ports(len(names))))
-    state_dir = tmp_path_factory.mktemp("cluster")
+    state_dir = tmp_path_factory.mktemp("runs") / "cluster"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "GPTDIST_"))}
     env.update(
         GPTDIST_CLUSTER_DIR=str(state_dir),
