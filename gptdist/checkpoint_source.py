@@ -54,7 +54,6 @@ RUNS_SCHEME = "runs:/"
 # Ray Train's record of a run's registered checkpoints, in the run folder.
 RAY_SNAPSHOT_NAME = "checkpoint_manager_snapshot.json"
 DEFAULT_ARTIFACT_PATH = "model"  # where training logs its final checkpoint folder
-RUN_KIND_TAG = "gptdist.run_kind"
 
 
 def _tracking():
@@ -321,7 +320,7 @@ def find_run_by_name(cfg: Config, name: str) -> str | None:
         order_by=["attributes.start_time DESC"],
     )
     for run in runs:
-        if run.data.tags.get(RUN_KIND_TAG) == "eval":
+        if run.data.tags.get(_tracking().RUN_KIND_TAG) == "eval":
             continue
         if _has_artifact(cfg, run.info.run_id, DEFAULT_ARTIFACT_PATH):
             return run.info.run_id
