@@ -243,8 +243,7 @@ def run_quietly(func: Callable, args) -> int:
 
     try:
         # Before the command imports Ray, MLflow or the trainer, so that a bad
-        # value fails at once. sample, eval, export and prepare read the
-        # config again from the same flags.
+        # value fails at once; every command takes it from args.cfg.
         args.cfg = load_config(args.config, args.overrides)
         return func(args) or 0
     except KeyboardInterrupt:

@@ -381,10 +381,9 @@ def eval_main(args) -> int:
     from data_pipeline.manifest import DatasetError
     from gptdist.checkpoint import CheckpointError, read_meta
     from gptdist.checkpoint_source import resolve_source
-    from gptdist.config import load_config
     from gptdist.tracking import tracking_uri
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = args.cfg  # loaded and checked by cli.run
     try:
         # Resolve before Ray may start: a wrong --from costs no cluster start-up.
         resolved = resolve_source(args.source, cfg)

@@ -178,9 +178,8 @@ def export_main(args) -> int:
     """`gptdist export`: resolve --from and write the Hugging Face folder."""
     from gptdist.checkpoint import CheckpointError
     from gptdist.checkpoint_source import load_inference_model, resolve_source
-    from gptdist.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = args.cfg  # loaded and checked by cli.run
     try:
         source = resolve_source(args.source, cfg)
         model, meta = load_inference_model(source.path)

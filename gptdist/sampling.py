@@ -162,9 +162,8 @@ def sample_main(args) -> int:
     """`gptdist sample`: resolve --from, load the model, stream samples."""
     from gptdist.checkpoint import CheckpointError
     from gptdist.checkpoint_source import load_inference_model, resolve_source
-    from gptdist.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = args.cfg  # loaded and checked by cli.run
     if args.max_new_tokens < 0 or args.num_samples < 1:
         print("gptdist sample: --max-new-tokens must be >= 0 and --num-samples >= 1", file=sys.stderr)
         return 2
