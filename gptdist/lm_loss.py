@@ -60,7 +60,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         chunk_rows, group_rows = chunk_sizes(hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
-            buffers = workspace.buffers(min(chunk_rows, n), min(group_rows, n), weight.shape, dtype, hidden.device)
+            buffers = workspace.buffers(min(group_rows, n), weight.shape, dtype, hidden.device)
             x = hidden.detach().to(dtype)
             w = weight.detach().to(dtype)
             w_t = buffers.weight_t.copy_(w.t())  # (C, V): the forward matmul is faster on a row-major right operand
@@ -72,7 +72,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 for c0 in range(g0, g1, chunk_rows):
                     c1 = min(c0 + chunk_rows, g1)
                     grad_logits = buffers.group[c0 - g0 : c1 - g0]
-                    loss += chunk_loss_and_grad(x[c0:c1], w_t, targets[c0:c1], grad_logits, buffers)
+                    loss += chunk_loss_and_grad(x[c0:c1], w_t, targets[c0:c1], grad_logits)
                     torch.mm(grad_logits, w, out=grad_x[c0:c1])
                 accumulate_weight_grad(grad_w, buffers.group[: g1 - g0], x[g0:g1], buffers, first=g0 == 0)
             grad_w.div_(n)  # the gradient of the mean loss
@@ -96,21 +96,16 @@ class LinearCrossEntropy(torch.autograd.Function):
 class ChunkBuffers:
     """Scratch memory that every chunk reuses."""
 
-    group: torch.Tensor  # (group rows, V), matmul dtype: the gradient of the logits
-    logits: torch.Tensor | None  # (chunk rows, V), fp32, when the matmul dtype is not fp32
-    log_probs: torch.Tensor  # (chunk rows, V), fp32
+    group: torch.Tensor  # (group rows, V), matmul dtype: the logits, then their gradient
     weight_t: torch.Tensor  # (C, V), matmul dtype
     group_grad_w: torch.Tensor | None  # (V, C), matmul dtype when that is not fp32
     group_grad_w_fp32: torch.Tensor | None  # (V, C), fp32, the same product cast up
 
     @classmethod
-    def allocate(cls, chunk_rows: int, group_rows: int, weight_shape: torch.Size, dtype: torch.dtype,
-                 device) -> ChunkBuffers:
+    def allocate(cls, group_rows: int, weight_shape: torch.Size, dtype: torch.dtype, device) -> ChunkBuffers:
         vocab = weight_shape[0]
         fp32 = dict(dtype=torch.float32, device=device)
         return cls(group=torch.empty((group_rows, vocab), dtype=dtype, device=device),
-                   logits=None if dtype == torch.float32 else torch.empty((chunk_rows, vocab), **fp32),
-                   log_probs=torch.empty((chunk_rows, vocab), **fp32),
                    weight_t=torch.empty((weight_shape[1], vocab), dtype=dtype, device=device),
                    group_grad_w=None if dtype == torch.float32
                    else torch.empty(weight_shape, dtype=dtype, device=device),
@@ -130,44 +125,46 @@ class LossWorkspace:
         self._buffers: ChunkBuffers | None = None
         self._key: tuple | None = None
 
-    def buffers(self, chunk_rows: int, group_rows: int, weight_shape: torch.Size, dtype: torch.dtype,
-                device) -> ChunkBuffers:
-        key = (chunk_rows, group_rows, tuple(weight_shape), dtype, torch.device(device))
+    def buffers(self, group_rows: int, weight_shape: torch.Size, dtype: torch.dtype, device) -> ChunkBuffers:
+        key = (group_rows, tuple(weight_shape), dtype, torch.device(device))
         if key != self._key:
             self._buffers, self._key = None, None  # free the old ones first
-            self._buffers, self._key = ChunkBuffers.allocate(chunk_rows, group_rows, weight_shape, dtype, device), key
+            self._buffers, self._key = ChunkBuffers.allocate(group_rows, weight_shape, dtype, device), key
         return self._buffers
 
 
-def chunk_loss_and_grad(x: torch.Tensor, w_t: torch.Tensor, targets: torch.Tensor, out: torch.Tensor,
-                        buffers: ChunkBuffers) -> torch.Tensor:
+# A target probability below this may have lost digits to underflow (the
+# smallest normal fp32 and bf16 number is 1.2e-38): that row's loss, over
+# 69 nats, is computed again from its logits with log_softmax.
+UNDERFLOW_PROB = 1e-30
+
+
+def chunk_loss_and_grad(x: torch.Tensor, w_t: torch.Tensor, targets: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Summed loss of one chunk; writes d(summed loss)/d(logits), softmax
     minus one-hot, into `out` (in the matmul dtype).
 
-    Only PyTorch's fused softmax kernels touch the logits: `exp` of the log
-    probabilities would be simpler but was slower than a second fused
-    softmax, and each pass over a chunk costs a sizeable share of its
-    matmuls."""
-    rows = x.shape[0]
-    # The logits go straight into `out` (a fresh product each chunk page-faults),
-    # and softmax overwrites them in place.
-    torch.mm(x, w_t, out=out)
-    logits = out if out.dtype == torch.float32 else buffers.logits[:rows].copy_(out)  # the loss in fp32
-    log_probs = torch.log_softmax(logits, dim=-1, out=buffers.log_probs[:rows])
-    target_log_probs = log_probs.gather(1, targets[:, None])
+    One fused softmax is the only pass over the logits: the loss is
+    -log p(target) from the same probabilities. A log_softmax for the loss
+    (and, under bf16, an fp32 copy of the logits for it) cost more per chunk
+    than the chunk's three matmuls on `micro`. Under bf16 the target
+    probability is rounded to bf16 (relative error 2^-9, at most 0.002 in
+    the loss of a token), which is finer than the bf16 rounding of the
+    logits themselves, present either way."""
+    rows, vocab = out.shape
+    torch.mm(x, w_t, out=out)  # the logits go straight into `out` (a fresh product each chunk page-faults)
     torch.softmax(out, dim=-1, out=out)
-    subtract_one_at_targets(out, targets)
-    return -target_log_probs.sum()
-
-
-def subtract_one_at_targets(grad_logits: torch.Tensor, targets: torch.Tensor) -> None:
-    """grad_logits[i, targets[i]] -= 1 for each row i, touching only those
-    elements. `scatter_add_` on a bf16 tensor converts the whole chunk to
-    fp32 and back on a CPU, many times the cost of this."""
-    rows, vocab = grad_logits.shape
-    flat = grad_logits.view(-1)
+    # Only the target elements change: `scatter_add_` on a bf16 tensor converts
+    # the whole chunk to fp32 and back on a CPU, many times the cost of this.
+    flat = out.view(-1)
     index = torch.arange(rows, device=targets.device) * vocab + targets
-    flat[index] = flat[index] - 1
+    target_probs = flat[index]
+    flat[index] = target_probs - 1
+    losses = -target_probs.float().log()
+    underflow = (target_probs < UNDERFLOW_PROB).nonzero().squeeze(1)  # on a GPU, one wait per chunk
+    if underflow.numel():
+        logits = (x[underflow] @ w_t).float()
+        losses[underflow] = -torch.log_softmax(logits, dim=-1).gather(1, targets[underflow, None]).squeeze(1)
+    return losses.sum()
 
 
 def accumulate_weight_grad(grad_w: torch.Tensor, grad_logits: torch.Tensor, x: torch.Tensor,

@@ -162,3 +162,26 @@ def test_chunked_loss_gradient_follows_a_scaled_loss():
         (loss * 0.25).backward()
     for (name, p), c in zip(plain.named_parameters(), chunked.parameters()):
         assert torch.allclose(p.grad, c.grad, rtol=1e-4, atol=1e-7), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_of_a_target_far_below_the_rest_is_exact(dtype):
+    """The loss comes from the target's softmax probability; where that
+    underflows (here e^-300) the row's loss is recomputed, not inf or a cap."""
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 8) * 0.1
+    weight = torch.randn(64, 8) * 0.1
+    targets = torch.tensor([3, 5, 7, 9, 11, 13])
+    hidden[0] = 0.0
+    hidden[0, 0] = 10.0
+    weight[3, 0] = -30.0  # row 0's target logit: -300, the others near 0
+    hidden, weight = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+    loss = lm_loss.linear_cross_entropy(hidden, weight, targets)
+    loss.backward()
+    ref_hidden, ref_weight = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    reference = torch.nn.functional.cross_entropy((ref_hidden @ ref_weight.t()).float(), targets)
+    reference.backward()
+    assert torch.isfinite(loss) and reference.item() > 300 / 6
+    assert abs(loss.item() - reference.item()) < 1e-4 * reference.item()
+    assert torch.allclose(hidden.grad.float(), ref_hidden.grad.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert torch.allclose(weight.grad.float(), ref_weight.grad.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
