@@ -76,8 +76,16 @@ def setting_precision(key: str) -> str:
     return "bf16" if key.startswith("bf16") else "fp32"
 
 
+def timed_steps(quick: bool, preset_name: str) -> int:
+    """Steps timed per run after the warm-up. `micro` steps take under a
+    second, so quick mode times ten of them: three windows were too few to
+    leave the first steps' slower start behind."""
+    if not quick:
+        return 12
+    return 10 if preset_name == "micro" else 3
+
+
 def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
-    steps = 3 if quick else 12
     threads = os.cpu_count() or 1
     # What `train.precision: auto` would choose for a 1-worker mini run (the
     # chunked loss, as on CPU workers), measured afresh: not from the cache.
@@ -103,6 +111,7 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     raw: dict = {"peaks": peaks, "fast_bf16": fast_bf16, "precision_probe": asdict(probe)}
     data = train_speed.ensure_shakespeare(tmp)
     for name in ["micro", "mini"]:
+        steps = timed_steps(quick, name)
         candidates = best_setting_candidates(fast_bf16, quick, name)
         plain = train_speed.plain_loop_in_child(name, steps, 2)
         plain_bf16 = (train_speed.plain_loop_in_child(name, steps, 2, precision="bf16")
@@ -137,8 +146,10 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
         if plain_bf16:
             rows.append(row(f"{name}: plain PyTorch loop bf16 autocast", plain_bf16["tokens_per_s"], base, unit="tok/s"))
         rows += [
-            row(f"{name}: gptdist train 1 worker fp32", fp32["tokens_per_s"], base, 0.95, "tok/s",
-                f"MFU {mfu(fp32['tokens_per_s'], peaks['fp32']):.0%} of fp32 peak (target 75%)"),
+            # The default on CPUs where fp32 is the faster precision: 1.3x there.
+            row(f"{name}: gptdist train 1 worker fp32", fp32["tokens_per_s"], base, 1.3, "tok/s",
+                f"MFU {mfu(fp32['tokens_per_s'], peaks['fp32']):.0%} of fp32 peak (target 75%); the default "
+                "where fp32 is faster, target 1.3x"),
         ]
         if candidates:
             best_key = max(candidates, key=lambda k: runs[k]["tokens_per_s"])
