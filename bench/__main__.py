@@ -23,7 +23,7 @@ import torch
 from bench import bench_data, small_commands, train_speed
 from gptdist.model import preset
 from gptdist.precision_probe import BF16_MARGIN, model_matmuls, probe_precision
-from gptdist.ray_session import start_local_ray
+from gptdist.ray_session import shutdown_ray, start_local_ray
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -136,7 +136,7 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
                 runs["2x1"] = train_speed.gptdist_run(name, steps + 3, data, "ray.num_workers=2", "train.cpu_threads=1",
                                                       "train.micro_batch_size=4", "train.precision=fp32")
         finally:
-            ray.shutdown()
+            shutdown_ray()
         fp32 = runs["fp32"]
         base = plain["tokens_per_s"]
         rows += [

@@ -73,7 +73,7 @@ import ray
 
 import gptdist
 from data_pipeline import storage
-from gptdist.ray_session import ray_logging_level, start_local_ray
+from gptdist.ray_session import ray_logging_level, shutdown_ray, start_local_ray
 from data_pipeline.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -233,7 +233,7 @@ def ray_session(num_cpus: int | None = None, uses_object_storage: bool = False) 
     try:
         yield
     finally:
-        ray.shutdown()
+        shutdown_ray()
 
 
 # --- the output folder --------------------------------------------------------

@@ -31,7 +31,7 @@ from gptdist.mlflow_coordinator import MlflowCoordinator
 from gptdist.model import GPT
 from gptdist.precision_probe import CACHE_DIR_ENV
 from gptdist.preflight import check_memory, check_resume_compatible, check_storage, estimate_worker_memory, resolve_micro_batch
-from gptdist.ray_session import connect_ray, storage_path, use_gpu
+from gptdist.ray_session import connect_ray, shutdown_ray, storage_path, use_gpu
 from gptdist.redaction import redact_text, redact_uri
 from gptdist.run_data import DatasetInfo, data_params, dataset_name, dataset_prompt, log_dataset_input, open_dataset, train_datasets
 from gptdist.tracking import log_final_artifacts, open_tracking, run_params
@@ -174,7 +174,7 @@ def train_main(cfg: Config, force_local: bool = False, hooks: FaultHooks | None 
         return summary
     finally:
         if started_ray:
-            ray.shutdown()
+            shutdown_ray()
 
 
 def finish_training(cfg: Config, result, client, run_id) -> dict[str, Any]:

@@ -319,7 +319,7 @@ def evaluate_on_cluster(cfg, model_folder: Path, data_dir: str, split: str) -> d
     """Join or start Ray as training does, size the actor pool to it, evaluate."""
     import ray
 
-    from gptdist.ray_session import connect_ray, use_gpu
+    from gptdist.ray_session import connect_ray, shutdown_ray, use_gpu
 
     started = connect_ray(cfg)
     try:
@@ -332,7 +332,7 @@ def evaluate_on_cluster(cfg, model_folder: Path, data_dir: str, split: str) -> d
                               cpus_per_actor=cpus, use_gpu=gpu)
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
 
 
 def fits_in_process(data_dir: str | Path, split: str) -> bool:

@@ -44,7 +44,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from gptdist import tracking
 from gptdist.config import Config, ConfigError, config_from_dict, flatten
 from gptdist.redaction import redact_text
-from gptdist.ray_session import connect_ray, use_gpu
+from gptdist.ray_session import connect_ray, shutdown_ray, use_gpu
 from gptdist.driver import train_main
 from gptdist.ray_session import storage_path
 from gptdist.run_data import open_dataset
@@ -320,7 +320,7 @@ def tune_main(cfg: Config, resume: bool = False) -> dict[str, Any]:
         return summary
     finally:
         if started_ray:
-            ray.shutdown()
+            shutdown_ray()
 
 
 def interrupted_sweep(cfg: Config, grid, client, parent_run_id: str | None) -> dict[str, Any]:

@@ -34,11 +34,11 @@ def ray_local():
     Its dashboard serves the state API that Ray Train's placement-group
     cleaner polls: without one, every run's shutdown waits out the cleaner's
     12 s timeout."""
-    from gptdist.ray_session import start_local_ray
+    from gptdist.ray_session import shutdown_ray, start_local_ray
 
     start_local_ray(num_cpus=4)
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,61 @@
+"""Ending a local Ray leaves none of its processes behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ray
+
+from gptdist.ray_session import end_processes_of_raylet, shutdown_ray, start_local_ray
+
+
+def processes_of_raylet(raylet_pid: int) -> list[int]:
+    marker = f"RAY_RAYLET_PID={raylet_pid}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def sleeper(raylet_pid: int) -> subprocess.Popen:
+    env = {**os.environ, "RAY_RAYLET_PID": str(raylet_pid)}
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=env)
+
+
+def test_end_processes_of_raylet_kills_that_raylets_processes_only():
+    """A process left by a raylet that is gone (as a Ray Train controller
+    once was, polling for minutes) is killed; another raylet's is not."""
+    left_behind, other = sleeper(999_999_001), sleeper(999_999_002)
+    try:
+        time.sleep(0.2)  # the children's environments are readable once they run
+        killed = end_processes_of_raylet(999_999_001)
+        assert killed == [left_behind.pid]
+        assert left_behind.wait(timeout=10) != 0
+        assert other.poll() is None
+    finally:
+        for p in (left_behind, other):
+            p.kill()
+            p.wait()
+
+
+def test_shutdown_ray_leaves_no_process_of_its_node():
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    raylet_pid = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+
+    @ray.remote
+    class Worker:
+        def pid(self) -> int:
+            return os.getpid()
+
+    actor_pid = ray.get(Worker.remote().pid.remote())
+    assert actor_pid in processes_of_raylet(raylet_pid)
+    shutdown_ray()
+    assert processes_of_raylet(raylet_pid) == []
