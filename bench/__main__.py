@@ -17,7 +17,6 @@ from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
-import ray
 import torch
 
 from bench import bench_data, small_commands, train_speed

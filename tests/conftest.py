@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import ray
 
 from support import (
     BLOCK,
