@@ -1,0 +1,107 @@
+"""`python -m bench.cpu_profile [--preset mini] [--precision fp32]`: where one
+CPU training step's time goes, by kind of work, in one process (the step
+the Ray Train workers run: chunked loss, fused AdamW; no Ray).
+
+Writes bench/results/<date>-<host>-<cpu kind>-<preset>-<precision>-profile.json
+and prints a table. Start it with the workers' malloc settings
+(gptdist.driver.WORKER_MALLOC_ENV) to see the step as a worker runs it;
+the file records whether they were set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections import defaultdict
+from datetime import datetime
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.__main__ import RESULTS, cpu_description, cpu_kind
+from gptdist.config import load_config
+from gptdist.driver import WORKER_MALLOC_ENV
+from gptdist.model import GPT, preset
+from gptdist.train_step import build_optimizer, optimizer_step
+
+BATCH, BLOCK = 8, 512
+
+
+def kind_of(op: str, shapes: list, vocab: int) -> str:
+    """The kind of work of one profiled op (self time, so nothing counts twice)."""
+    if op in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"):
+        return "LM head matmuls" if any(vocab in s for s in shapes if isinstance(s, list)) else "block matmuls"
+    if "scaled_dot_product" in op:
+        return "attention (SDPA)"
+    if op in ("aten::_softmax", "aten::_log_softmax"):
+        return "softmax over the vocabulary"
+    if "adam" in op:
+        return "AdamW"
+    if "gelu" in op:
+        return "GELU"
+    if "layer_norm" in op:
+        return "LayerNorm"
+    if "embedding" in op:
+        return "embeddings"
+    return "other (copies, adds, fills, norms)"
+
+
+def profile_step(preset_name: str, precision: str, steps: int = 4) -> dict:
+    torch.manual_seed(0)
+    cfg = load_config(overrides=[f"model.preset={preset_name}"])
+    model = GPT(preset(preset_name, block_size=BLOCK), chunked_loss=True)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    data = torch.randint(0, 50257, (steps + 3, BATCH, BLOCK + 1))
+
+    def step(i: int) -> None:
+        optimizer_step(model, optimizer, None, [data[i]], 1, precision, torch.device("cpu"), 1.0, is_ddp=False)
+
+    step(0)  # warm-up: allocations, oneDNN kernels
+    times = []
+    for i in range(1, steps + 1):
+        start = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step(steps + 1)
+    kinds: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key.startswith("aten::") or "adam" in event.key:
+            kinds[kind_of(event.key, event.input_shapes, model.config.vocab_size)] += event.self_cpu_time_total
+    total = sum(kinds.values())
+    step_s = statistics.median(times)
+    return {
+        "preset": preset_name, "precision": precision, "batch": [BATCH, BLOCK],
+        "threads": torch.get_num_threads(),
+        "step_s": step_s, "tokens_per_s": BATCH * BLOCK / step_s,
+        "model_flops_per_s": BATCH * BLOCK / step_s * model.flops_per_token(),
+        "shares": {k: v / total for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu_profile")
+    parser.add_argument("--preset", default="mini")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    result = profile_step(args.preset, args.precision)
+    report = {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+              "cpu": cpu_description(), "torch": torch.__version__,
+              "worker_malloc_settings": all(os.environ.get(k) == v for k, v in WORKER_MALLOC_ENV.items()),
+              **result}
+    out = RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{cpu_kind()}-{args.preset}-{args.precision}-profile.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"{args.preset} {args.precision}: {result['step_s']:.2f} s/step, {result['tokens_per_s']:,.0f} tok/s, "
+          f"{result['model_flops_per_s'] / 1e9:.0f} GFLOP/s")
+    print("| kind of work | share of the step |\n|---|---|")
+    for kind, share in result["shares"].items():
+        print(f"| {kind} | {share:.1%} |")
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()
