@@ -26,21 +26,28 @@ import torch
 
 # Rows per chunk: the chunk's fp32 logits are rows × V × 4 bytes (about 51 MB
 # at 256 rows). Fewer rows keep them in cache between the passes over them,
-# but the head matmuls (K = n_embd) run below peak on short chunks; 256 was
-# the faster of the sizes measured on CPUs (bench/results, README).
+# but the head matmuls (K = n_embd) run below peak on short chunks. Measured
+# on CPUs (bench/results, README), alternating the sizes within one process:
+# 256 rows were the faster in bf16, 512 in fp32 (1.5-5% per step on `micro`
+# and `mini`), whose matmuls gain more from longer chunks than its one
+# softmax pass loses.
 # The weight-gradient matmul wants more rows per chunk
 # (its output, V × C, is read and written once per chunk), so the chunk
 # gradients are gathered into groups of `GROUP_ROWS` before that matmul.
 # On a GPU each chunk costs kernel launches, so chunks there are large
 # (these sizes are not yet measured on a GPU; see train_step.resolve_chunked_loss).
 CHUNK_ROWS = 256
+FP32_CHUNK_ROWS = 512
 GROUP_ROWS = 1024
 GPU_CHUNK_ROWS = 4096
 
 
-def chunk_sizes(device: torch.device) -> tuple[int, int]:
-    """(rows per chunk, rows per weight-gradient group) on this device."""
-    return (CHUNK_ROWS, GROUP_ROWS) if device.type == "cpu" else (GPU_CHUNK_ROWS, GPU_CHUNK_ROWS)
+def chunk_sizes(device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+    """(rows per chunk, rows per weight-gradient group) on this device, for
+    head matmuls in `dtype`."""
+    if device.type != "cpu":
+        return GPU_CHUNK_ROWS, GPU_CHUNK_ROWS
+    return (FP32_CHUNK_ROWS if dtype == torch.float32 else CHUNK_ROWS), GROUP_ROWS
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -58,7 +65,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype,
                 workspace: LossWorkspace):
         n = hidden.shape[0]
-        chunk_rows, group_rows = chunk_sizes(hidden.device)
+        chunk_rows, group_rows = chunk_sizes(hidden.device, dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             buffers = workspace.buffers(min(group_rows, n), weight.shape, dtype, hidden.device)
             x = hidden.detach().to(dtype)
@@ -206,7 +213,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 def chunked_loss_only(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
     """The same mean loss without gradients (evaluation)."""
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    rows, _ = chunk_sizes(hidden.device)
+    rows, _ = chunk_sizes(hidden.device, dtype)
     with torch.autocast(hidden.device.type, enabled=False):
         x, w = hidden.to(dtype), weight.to(dtype)
         for c0 in range(0, x.shape[0], rows):

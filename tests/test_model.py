@@ -96,6 +96,7 @@ def small_chunks(monkeypatch):
     """Chunks and groups a few rows long, so that short batches cross their
     boundaries (bf16 matmuls are slow on CPUs without bf16 instructions)."""
     monkeypatch.setattr(lm_loss, "CHUNK_ROWS", 32)
+    monkeypatch.setattr(lm_loss, "FP32_CHUNK_ROWS", 64)  # 96-row groups: a chunk of 64, then one of 32
     monkeypatch.setattr(lm_loss, "GROUP_ROWS", 96)
 
 
@@ -103,7 +104,7 @@ def small_chunks(monkeypatch):
 def test_chunked_loss_equals_plain_loss_and_gradients(precision, small_chunks):
     # 3 x 70 = 210 rows: more than one group of GROUP_ROWS and a ragged
     # last chunk, so the chunk and group boundaries are exercised.
-    assert 210 > 2 * lm_loss.GROUP_ROWS and 210 % lm_loss.CHUNK_ROWS
+    assert 210 > 2 * lm_loss.GROUP_ROWS and 210 % lm_loss.CHUNK_ROWS and 210 % lm_loss.FP32_CHUNK_ROWS
     plain, chunked = twin_models(70)
     idx = torch.randint(0, 50257, (3, 70))
     targets = torch.randint(0, 50257, (3, 70))
