@@ -22,12 +22,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.__main__ import RESULTS, cpu_description, cpu_kind
+from bench.train_speed import BATCH, BLOCK
 from gptdist.config import load_config
 from gptdist.driver import WORKER_MALLOC_ENV
 from gptdist.model import GPT, preset
 from gptdist.train_step import build_optimizer, optimizer_step
-
-BATCH, BLOCK = 8, 512
 
 
 def kind_of(op: str, shapes: list, vocab: int) -> str:

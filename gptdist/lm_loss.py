@@ -111,13 +111,12 @@ class ChunkBuffers:
     @classmethod
     def allocate(cls, group_rows: int, weight_shape: torch.Size, dtype: torch.dtype, device) -> ChunkBuffers:
         vocab = weight_shape[0]
-        fp32 = dict(dtype=torch.float32, device=device)
         return cls(group=torch.empty((group_rows, vocab), dtype=dtype, device=device),
                    weight_t=torch.empty((weight_shape[1], vocab), dtype=dtype, device=device),
                    group_grad_w=None if dtype == torch.float32
                    else torch.empty(weight_shape, dtype=dtype, device=device),
                    group_grad_w_fp32=None if dtype == torch.float32
-                   else torch.empty(weight_shape, **fp32))
+                   else torch.empty(weight_shape, dtype=torch.float32, device=device))
 
 
 class LossWorkspace:

@@ -85,32 +85,42 @@ def shutdown_ray() -> None:
     Ray's workers exit when their raylet goes, but not always: after one
     shutdown in about a dozen a Ray Train controller lived on, re-parented
     to init and polling a raylet that was gone, for as long as anyone
-    watched. Ray has no call to reap such processes, hence this. Every
-    process a raylet starts carries RAY_RAYLET_PID in its environment."""
-    node = getattr(ray._private.worker, "_global_node", None)
-    raylets = node.all_processes.get("raylet", []) if node is not None else []
-    raylet_pid = raylets[0].process.pid if raylets else None
+    watched. Ray has no call to reap such processes, hence this."""
+    raylet_pid = local_raylet_pid()
     ray.shutdown()
     if raylet_pid is not None:
         end_processes_of_raylet(raylet_pid)
 
 
-def end_processes_of_raylet(raylet_pid: int) -> list[int]:
-    """SIGKILL every process started by the raylet `raylet_pid` (this
-    process excepted); the pids killed. Linux only: elsewhere nothing."""
+def local_raylet_pid() -> int | None:
+    """The pid of the raylet this process started, if it started one."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    raylets = node.all_processes.get("raylet", []) if node is not None else []
+    return raylets[0].process.pid if raylets else None
+
+
+def processes_of_raylet(raylet_pid: int) -> list[int]:
+    """Every process started by the raylet `raylet_pid` (each carries
+    RAY_RAYLET_PID in its environment), this one excepted. Linux only:
+    elsewhere none."""
     marker = f"RAY_RAYLET_PID={raylet_pid}".encode()
-    killed = []
+    found = []
     for entry in Path("/proc").glob("[0-9]*"):
-        pid = int(entry.name)
-        if pid == os.getpid():
-            continue
         try:
-            if marker not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
+            if int(entry.name) != os.getpid() and marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def end_processes_of_raylet(raylet_pid: int) -> list[int]:
+    """SIGKILL the processes of the raylet `raylet_pid`; the pids killed."""
+    killed = []
+    for pid in processes_of_raylet(raylet_pid):
+        with contextlib.suppress(OSError):  # gone meanwhile
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
-        except (OSError, ValueError):  # gone meanwhile, or not ours to read
-            continue
     return killed
 
 

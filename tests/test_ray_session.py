@@ -6,23 +6,10 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import ray
 
-from gptdist.ray_session import end_processes_of_raylet, shutdown_ray, start_local_ray
-
-
-def processes_of_raylet(raylet_pid: int) -> list[int]:
-    marker = f"RAY_RAYLET_PID={raylet_pid}".encode()
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+from gptdist.ray_session import end_processes_of_raylet, local_raylet_pid, processes_of_raylet, shutdown_ray, start_local_ray
 
 
 def sleeper(raylet_pid: int) -> subprocess.Popen:
@@ -48,7 +35,7 @@ def test_end_processes_of_raylet_kills_that_raylets_processes_only():
 
 def test_shutdown_ray_leaves_no_process_of_its_node():
     start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    raylet_pid = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    raylet_pid = local_raylet_pid()
 
     @ray.remote
     class Worker:
