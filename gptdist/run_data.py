@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,17 +71,33 @@ def data_params(dataset: DatasetInfo) -> dict[str, str]:
     return {"data.sources": dataset.manifest.get("sources", []), "data.manifest_sha256": dataset.manifest_sha256}
 
 
+DATASET_INPUT_ATTEMPTS = 3
+
+
 def log_dataset_input(client, run_id: str, dataset: DatasetInfo) -> None:
     """The dataset in MLflow's own Datasets record of the run (the
     "Datasets used" column of the UI): name, manifest hash, location."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
 
     splits = dataset.manifest.get("splits", {})
     profile = {split: {"rows": info.get("rows"), "tokens": info.get("tokens")} for split, info in splits.items()}
     entry = Dataset(name=dataset_name(dataset.path), digest=dataset.manifest_sha256[:16],
                     source_type="gptdist-tokens", source=json.dumps({"uri": redact_uri(dataset.path)}),
                     profile=json.dumps(profile))
-    client.log_inputs(run_id, datasets=[DatasetInput(entry, tags=[InputTag("mlflow.data.context", "training")])])
+    inputs = [DatasetInput(entry, tags=[InputTag("mlflow.data.context", "training")])]
+    # MLflow looks the dataset up, then inserts it if absent: runs logging the
+    # same new dataset at the same moment (a sweep's trials starting
+    # together) race, and the losers' inserts fail on the store's unique key.
+    # A retry finds the winner's row.
+    for attempt in range(DATASET_INPUT_ATTEMPTS):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException:
+            if attempt == DATASET_INPUT_ATTEMPTS - 1:
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def dataset_name(path: str) -> str:

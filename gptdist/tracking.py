@@ -15,6 +15,7 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from gptdist.config import REPO_ROOT, Config, TrackingConfig, flatten
@@ -107,8 +108,15 @@ def get_or_create_experiment(client: MlflowClient, tracking: TrackingConfig, uri
     location = artifact_root(tracking) + f"/{name}" if uri.startswith("sqlite:") else None
     # MLflow 3's UI opens an experiment on its GenAI overview unless told
     # the experiment is model training: then on the runs table.
-    return client.create_experiment(name, artifact_location=location,
-                                    tags={"mlflow.experimentKind": "custom_model_development"})
+    try:
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
+    except MlflowException:
+        # Another run created it meanwhile (first runs started together).
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def environment_tags() -> dict[str, str]:

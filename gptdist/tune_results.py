@@ -33,6 +33,8 @@ class TrialResult:
     stopped_early: bool
     status: str  # finished | stopped early | error
     run_name: str
+    error: str = ""  # the last line of a failed trial's exception
+
 
     @property
     def shape(self) -> Shape:
@@ -62,9 +64,19 @@ def collect_results(cfg: Config, grid) -> list[TrialResult]:
             tokens_per_s=speed, stopped_early=stopped_early,
             status="error" if result.error is not None else ("stopped early" if stopped_early else "finished"),
             run_name=trial_run_name(cfg.tune.name, trial_id),
+            error=error_line(result.error),
         ))
     sign = 1 if cfg.tune.mode == "min" else -1
     return sorted(rows, key=lambda r: (math.isnan(r.metric), sign * r.metric if not math.isnan(r.metric) else 0))
+
+
+def error_line(error: BaseException | None) -> str:
+    """The line that says what went wrong: Tune wraps a trial's exception in
+    a TuneError/RayTaskError whose text ends with the original one's."""
+    if error is None:
+        return ""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def best_trial(rows: list[TrialResult]) -> TrialResult | None:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from data_pipeline.reader import first_row_tokens
+from gptdist.config import TrackingConfig
+from gptdist.run_data import DatasetInfo, log_dataset_input
 from gptdist.runs import format_table, run_rows
 from gptdist.tokenizer import decode
-from gptdist.tracking import TrackingUnavailableError
+from gptdist.tracking import TrackingUnavailableError, get_or_create_experiment
 from gptdist.driver import train_main
 
 from support import BLOCK, free_port, tiny_config
@@ -92,6 +96,54 @@ def test_resumed_run_appends_to_the_same_mlflow_run(tmp_path, tiny_dataset, mlfl
     assert steps == [1, 2, 3, 4]
     assert same_name[0].info.status == "FINISHED"
     assert same_name[0].data.tags["gptdist.worker_keeps_freed_memory"] == "false"
+
+
+def start_a_run_at_the_barrier(uri: str, tracking: TrackingConfig, dataset: DatasetInfo, barrier, results) -> None:
+    """What each run does first: find or create the experiment, start its
+    MLflow run, log the dataset. In a child process, released by `barrier`."""
+    try:
+        client = MlflowClient(uri)
+        barrier.wait(timeout=60)
+        experiment_id = get_or_create_experiment(client, tracking, uri)
+        run_id = client.create_run(experiment_id).info.run_id
+        barrier.wait(timeout=60)
+        log_dataset_input(client, run_id, dataset)
+        results.put((experiment_id, run_id))
+    except Exception as e:
+        barrier.abort()  # the others stop waiting for this one
+        results.put(f"{type(e).__name__}: {e}")
+
+
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_runs_starting_together_share_experiment_and_dataset(store, tmp_path, tiny_dataset, request):
+    """A sweep's trials start at the same moment. MLflow creates an
+    experiment, and a dataset record, by looking it up and inserting it
+    when absent: without the retries, all but one of these runs failed on
+    the store's unique key."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}" if store == "sqlite" else request.getfixturevalue("mlflow_server")
+    MlflowClient(uri).search_experiments()  # the store exists (creating its tables is a race of its own)
+    tracking = TrackingConfig(uri=uri, experiment=f"together-{uuid.uuid4().hex[:8]}", runs_dir=str(tmp_path))
+    manifest = json.loads((tiny_dataset / "manifest.json").read_text())
+    dataset = DatasetInfo(str(tiny_dataset), manifest, "ab" * 32)
+    fork = multiprocessing.get_context("fork")
+    n = 4
+    barrier, results = fork.Barrier(n), fork.Queue()
+    procs = [fork.Process(target=start_a_run_at_the_barrier, args=(uri, tracking, dataset, barrier, results),
+                          daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        outcomes = [results.get(timeout=180) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            p.kill()
+    assert all(isinstance(o, tuple) for o in outcomes), outcomes
+    assert len({experiment_id for experiment_id, _ in outcomes}) == 1
+    client = MlflowClient(uri)
+    for _, run_id in outcomes:
+        (used,) = client.get_run(run_id).inputs.dataset_inputs
+        assert used.dataset.name == tiny_dataset.name and used.dataset.digest == "ab" * 8
 
 
 def test_unreachable_server_fails_fast_naming_the_uri(tmp_path, tiny_dataset):

@@ -183,7 +183,7 @@ def test_sweep_runs_every_trial_and_asha_stops_the_worst(sweep):
     trials = summary["trials"]
     assert len(trials) == 4
     assert {(t["n_layer"], t["learning_rate"]) for t in trials} == {(1, 0.003), (2, 0.003), (1, 1e-6), (2, 1e-6)}
-    assert all(t["status"] in ("finished", "stopped early") for t in trials)
+    assert all(t["status"] in ("finished", "stopped early") for t in trials), [t["error"] for t in trials]
     assert all(not math.isnan(t["val_loss"]) for t in trials)
     stopped = [t for t in trials if t["stopped_early"]]
     assert stopped and all(t["steps"] < t["budget_steps"] == 10 for t in stopped)
