@@ -18,6 +18,7 @@ from gptdist.cli import main as cli_main
 from gptdist.config import ConfigError, load_config
 from gptdist.model import GPT
 from gptdist.tune import SWEEP_KIND, search_algorithm, tune_main
+from gptdist.tune_results import error_line
 from gptdist.tune_space import (
     Shape,
     budget_steps,
@@ -126,6 +127,14 @@ def test_concurrency_from_resources():
     assert concurrent_trials(cfg, available_cpus=16) == 1
     cfg = tune_config("ray.num_workers=2", "train.micro_batch_size=4")
     assert concurrent_trials(cfg, available_cpus=16, available_gpus=3, gpu=True) == 1
+
+
+def test_a_failed_trial_is_summed_up_by_its_exception_last_line():
+    wrapped = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                           "sqlite3.IntegrityError: UNIQUE constraint failed\n\n")
+    assert error_line(wrapped) == "sqlite3.IntegrityError: UNIQUE constraint failed"
+    assert error_line(KeyError()) == "KeyError"
+    assert error_line(None) == ""
 
 
 def test_optuna_is_a_clear_error_when_missing():
