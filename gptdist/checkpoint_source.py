@@ -228,9 +228,8 @@ def _download_once(cache: Path, fetch: Callable[[Path], Path]) -> Path:
 
 
 def _client(cfg: Config):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=_tracking().tracking_uri(cfg.tracking))
+    tracking = _tracking()
+    return tracking.mlflow_client(tracking.tracking_uri(cfg.tracking))
 
 
 def _store_exists(uri: str) -> bool:

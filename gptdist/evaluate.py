@@ -279,12 +279,10 @@ def default_data_dir(meta: dict[str, Any], cfg) -> str:
 
 def log_eval_run(cfg, result: dict[str, Any], source: str, source_run_id: str | None) -> str:
     """Record the evaluation as its own MLflow run; returns its id."""
-    from mlflow.tracking import MlflowClient
-
     from gptdist import tracking
 
     uri = tracking.tracking_uri(cfg.tracking)
-    client = MlflowClient(uri)
+    client = tracking.mlflow_client(uri)
     experiment_id = tracking.get_or_create_experiment(client, cfg.tracking, uri)
     tags = {tracking.RUN_KIND_TAG: "eval", "gptdist.source": source}
     if source_run_id:

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from gptdist.checkpoint import local_checkpoint_folder
 from gptdist.redaction import redact_text
+from gptdist.tracking import mlflow_client
 from gptdist.worker_contract import StepReport
 
 log = logging.getLogger("gptdist.tracking")  # the name its warnings have always had
@@ -45,7 +46,7 @@ class MlflowCoordinator(ray.train.UserCallback):
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
+            self._client = mlflow_client(self.tracking_uri)
         return self._client
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:

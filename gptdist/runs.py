@@ -11,7 +11,6 @@ import math
 from datetime import datetime
 
 from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
 
 from gptdist import tracking
 from gptdist.config import Config
@@ -105,7 +104,7 @@ def search_runs(cfg: Config, experiment: str | None = None) -> list[Run]:
     """The experiment's runs, newest first."""
     uri = tracking.tracking_uri(cfg.tracking)
     tracking.check_reachable(uri)
-    client = MlflowClient(uri)
+    client = tracking.mlflow_client(uri)
     name = experiment or cfg.tracking.experiment
     found = client.get_experiment_by_name(name)
     if found is None:

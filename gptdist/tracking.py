@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -96,6 +97,38 @@ def health_request(uri: str) -> urllib.request.Request:
         headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
     host = parts.hostname + (f":{parts.port}" if parts.port else "")
     return urllib.request.Request(urlunsplit((parts.scheme, host, parts.path, parts.query, "")), headers=headers)
+
+
+def mlflow_client(uri: str) -> MlflowClient:
+    """`MlflowClient(uri)`, which opens the store: a new SQLite store gets
+    its tables then, and two processes doing that at once fail in MLflow's
+    schema migration ("Online migration expected to match one row", or a
+    duplicate column). Under `sqlite_store_lock` they take turns."""
+    with sqlite_store_lock(uri):
+        return MlflowClient(uri)
+
+
+@contextlib.contextmanager
+def sqlite_store_lock(uri: str):
+    """An exclusive lock on a lock file beside a SQLite store's database;
+    nothing for other stores (a server serializes its own). MLflow has no
+    lock of its own for creating a store's tables."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{database}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def get_or_create_experiment(client: MlflowClient, tracking: TrackingConfig, uri: str, name: str | None = None) -> str:
@@ -248,7 +281,7 @@ def open_tracking(cfg: Config, params: dict, kind: str = "train", parent_run_id:
     uri = tracking_uri(cfg.tracking)
     try:
         check_reachable(uri)
-        client = MlflowClient(uri)
+        client = mlflow_client(uri)
         experiment_id = get_or_create_experiment(client, cfg.tracking, uri)
     except Exception as e:
         if cfg.tracking.required:

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -230,7 +229,7 @@ def sweep_run_exists(cfg: Config) -> bool:
     be asked: open_tracking then decides whether that is an error)."""
     try:
         tracking.check_reachable(cfg.tracking.uri)
-        client = MlflowClient(cfg.tracking.uri)
+        client = tracking.mlflow_client(cfg.tracking.uri)
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
         if experiment is None:
             return False

@@ -13,11 +13,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from data_pipeline.reader import first_row_tokens
-from gptdist.config import TrackingConfig
 from gptdist.run_data import DatasetInfo, log_dataset_input
 from gptdist.runs import format_table, run_rows
 from gptdist.tokenizer import decode
-from gptdist.tracking import TrackingUnavailableError, get_or_create_experiment
+from gptdist.tracking import TrackingUnavailableError, open_tracking
 from gptdist.driver import train_main
 
 from support import BLOCK, free_port, tiny_config
@@ -98,17 +97,16 @@ def test_resumed_run_appends_to_the_same_mlflow_run(tmp_path, tiny_dataset, mlfl
     assert same_name[0].data.tags["gptdist.worker_keeps_freed_memory"] == "false"
 
 
-def start_a_run_at_the_barrier(uri: str, tracking: TrackingConfig, dataset: DatasetInfo, barrier, results) -> None:
-    """What each run does first: find or create the experiment, start its
-    MLflow run, log the dataset. In a child process, released by `barrier`."""
+def start_a_run_at_the_barrier(cfg, dataset: DatasetInfo, barrier, results) -> None:
+    """What each run of a sweep does first, as train_main does it: open the
+    store, find or create the experiment, start its MLflow run, then log the
+    dataset. In a child process; `barrier` releases them together."""
     try:
-        client = MlflowClient(uri)
         barrier.wait(timeout=60)
-        experiment_id = get_or_create_experiment(client, tracking, uri)
-        run_id = client.create_run(experiment_id).info.run_id
+        client, run_id, _ = open_tracking(cfg, {"model.n_layer": 1}, "tune")
         barrier.wait(timeout=60)
         log_dataset_input(client, run_id, dataset)
-        results.put((experiment_id, run_id))
+        results.put((client.get_run(run_id).info.experiment_id, run_id))
     except Exception as e:
         barrier.abort()  # the others stop waiting for this one
         results.put(f"{type(e).__name__}: {e}")
@@ -119,17 +117,18 @@ def test_runs_starting_together_share_experiment_and_dataset(store, tmp_path, ti
     """A sweep's trials start at the same moment. MLflow creates an
     experiment, and a dataset record, by looking it up and inserting it
     when absent: without the retries, all but one of these runs failed on
-    the store's unique key."""
+    the store's unique key. The SQLite store is new: without the lock, its
+    tables' creation failed in all but one."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}" if store == "sqlite" else request.getfixturevalue("mlflow_server")
-    MlflowClient(uri).search_experiments()  # the store exists (creating its tables is a race of its own)
-    tracking = TrackingConfig(uri=uri, experiment=f"together-{uuid.uuid4().hex[:8]}", runs_dir=str(tmp_path))
+    experiment = f"together-{uuid.uuid4().hex[:8]}"
     manifest = json.loads((tiny_dataset / "manifest.json").read_text())
     dataset = DatasetInfo(str(tiny_dataset), manifest, "ab" * 32)
     fork = multiprocessing.get_context("fork")
     n = 4
     barrier, results = fork.Barrier(n), fork.Queue()
-    procs = [fork.Process(target=start_a_run_at_the_barrier, args=(uri, tracking, dataset, barrier, results),
-                          daemon=True) for _ in range(n)]
+    procs = [fork.Process(target=start_a_run_at_the_barrier, daemon=True, args=(
+        config(tmp_path, tiny_dataset, uri, f"trial-{i}", f"tracking.experiment={experiment}"),
+        dataset, barrier, results)) for i in range(n)]
     for p in procs:
         p.start()
     try:
@@ -141,6 +140,7 @@ def test_runs_starting_together_share_experiment_and_dataset(store, tmp_path, ti
     assert all(isinstance(o, tuple) for o in outcomes), outcomes
     assert len({experiment_id for experiment_id, _ in outcomes}) == 1
     client = MlflowClient(uri)
+    assert client.get_experiment(outcomes[0][0]).name == experiment
     for _, run_id in outcomes:
         (used,) = client.get_run(run_id).inputs.dataset_inputs
         assert used.dataset.name == tiny_dataset.name and used.dataset.digest == "ab" * 8
