@@ -235,9 +235,8 @@ def _client(cfg: Config):
 def _store_exists(uri: str) -> bool:
     """Opening a SQLite URI creates the database; a lookup by run name must
     not leave an empty store behind when there is none yet."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///") :]).is_file()
-    return True
+    database = _tracking().sqlite_database(uri)
+    return database is None or database.is_file()
 
 
 def _from_runs_uri(source: str, cfg: Config) -> ResolvedCheckpoint:

@@ -14,6 +14,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: SQLite stores are opened without a lock
+    fcntl = None
+
 import mlflow
 from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
@@ -108,27 +113,25 @@ def mlflow_client(uri: str) -> MlflowClient:
         return MlflowClient(uri)
 
 
+def sqlite_database(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` store URI; None for other stores."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 @contextlib.contextmanager
 def sqlite_store_lock(uri: str):
-    """An exclusive lock on a lock file beside a SQLite store's database;
-    nothing for other stores (a server serializes its own). MLflow has no
-    lock of its own for creating a store's tables."""
-    if not uri.startswith("sqlite:///"):
+    """An exclusive lock on a lock file beside a SQLite store's database
+    (released when the file closes); nothing for other stores (a server
+    serializes its own) or without POSIX locks. MLflow has no lock of its
+    own for creating a store's tables."""
+    database = sqlite_database(uri)
+    if database is None or fcntl is None:
         yield
         return
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    database = Path(uri.removeprefix("sqlite:///"))
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{database}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield
 
 
 def get_or_create_experiment(client: MlflowClient, tracking: TrackingConfig, uri: str, name: str | None = None) -> str:

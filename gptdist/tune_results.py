@@ -35,7 +35,6 @@ class TrialResult:
     run_name: str
     error: str = ""  # the last line of a failed trial's exception
 
-
     @property
     def shape(self) -> Shape:
         return Shape(self.n_layer, self.n_head, self.n_embd)
