@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gptdist.config import load_config
 from gptdist.metrics import gpu_peak_flops, mfu
-from gptdist.model import GPT, preset
+from gptdist.model import GPT, compile_gpt, preset
 from gptdist.train_step import build_optimizer, optimizer_step
 
 
@@ -48,7 +48,7 @@ def run_case(precision: str, compile_model: bool, micro_batch: int, steps: int, 
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     wrapped = DistributedDataParallel(model, device_ids=[0]) if ddp else model
     if compile_model:
-        wrapped = torch.compile(wrapped, mode=compile_mode)
+        wrapped = compile_gpt(wrapped, model, mode=compile_mode)
     torch.cuda.reset_peak_memory_stats()
     data = torch.randint(0, 50257, (steps + warmup, micro_batch, 513), device=device)
     losses = []

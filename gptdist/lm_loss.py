@@ -193,9 +193,6 @@ def accumulate_weight_grad(grad_w: torch.Tensor, grad_logits: torch.Tensor, x: t
         grad_w.add_(buffers.group_grad_w_fp32.copy_(product))
 
 
-# torch.compile traces the rest of the model; this loop of matmuls and
-# in-place updates runs eagerly (its cost is the matmuls either way).
-@torch.compiler.disable
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          workspace: LossWorkspace | None = None) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets`.

@@ -91,6 +91,7 @@ class GPT(nn.Module):
         self.config = config
         self.chunked_loss = chunked_loss
         self.loss_workspace = LossWorkspace()  # scratch buffers of the chunked loss, kept between steps
+        self.chunked_loss_fn = linear_cross_entropy  # compile_gpt swaps in one torch.compile leaves eager
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -153,7 +154,7 @@ class GPT(nn.Module):
             new_cache.append(present)
         x = self.transformer.ln_f(x)
         if targets is not None and self.chunked_loss:
-            return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.loss_workspace), new_cache
+            return None, self.chunked_loss_fn(x, self.lm_head.weight, targets, self.loss_workspace), new_cache
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
@@ -177,6 +178,16 @@ class GPT(nn.Module):
             idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, generator)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+
+def compile_gpt(wrapped: nn.Module, gpt: GPT, **options) -> nn.Module:
+    """`torch.compile(wrapped, **options)`, `wrapped` being `gpt` or DDP around
+    it. The chunked loss stays eager: its loop of matmuls and in-place updates
+    costs the matmuls either way. It is marked here, when a model is compiled,
+    not with a decorator: `torch.compiler.disable` imports torch._dynamo, which
+    would add 1.2 s to the start of every process that imports the model."""
+    gpt.chunked_loss_fn = torch.compiler.disable(linear_cross_entropy)
+    return torch.compile(wrapped, **options)
 
 
 def sample_next_token(

@@ -45,7 +45,7 @@ from gptdist.checkpoint import (
 from gptdist.checkpoint_source import latest_ray_checkpoint
 from gptdist.config import Config, config_from_dict, gradient_accumulation_steps
 from gptdist.metrics_window import MetricsWindow, all_reduce_mean, print_line, report_line
-from gptdist.model import GPT
+from gptdist.model import GPT, compile_gpt
 from gptdist.precision_probe import ProbeResult, cache_file, model_matmuls, probe_precision
 from gptdist.tokenizer import EOT_TOKEN, decode, encode
 from gptdist.train_step import (autocast_context, build_optimizer, learning_rate, optimizer_step, resolve_chunked_loss,
@@ -312,7 +312,7 @@ def build_state(cfg: Config, device: torch.device, precision: str, chunked_loss:
 def wrap_model(state: TrainState, cfg: Config) -> None:
     state.wrapped = ray.train.torch.prepare_model(state.model)  # DDP when world > 1
     if cfg.train.compile:
-        state.wrapped = torch.compile(state.wrapped)
+        state.wrapped = compile_gpt(state.wrapped, state.model)
 
 
 def run_facts(precision: str, device: torch.device, world: int, threads: int, chunked_loss: bool,
