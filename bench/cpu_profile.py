@@ -16,6 +16,7 @@ import platform
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime
 
 import torch
@@ -48,16 +49,23 @@ def kind_of(op: str, shapes: list, vocab: int) -> str:
     return "other (copies, adds, fills, norms)"
 
 
-def profile_step(preset_name: str, precision: str, steps: int = 4) -> dict:
+def worker_step(preset_name: str, precision: str, batches: int) -> tuple[GPT, Callable[[int], None]]:
+    """The model and a function running the workers' CPU step (chunked loss,
+    fused AdamW) on synthetic batch i of `batches`."""
     torch.manual_seed(0)
     cfg = load_config(overrides=[f"model.preset={preset_name}"])
     model = GPT(preset(preset_name, block_size=BLOCK), chunked_loss=True)
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
-    data = torch.randint(0, 50257, (steps + 3, BATCH, BLOCK + 1))
+    data = torch.randint(0, 50257, (batches, BATCH, BLOCK + 1))
 
     def step(i: int) -> None:
         optimizer_step(model, optimizer, None, [data[i]], 1, precision, torch.device("cpu"), 1.0, is_ddp=False)
 
+    return model, step
+
+
+def profile_step(preset_name: str, precision: str, steps: int = 4) -> dict:
+    model, step = worker_step(preset_name, precision, steps + 3)
     step(0)  # warm-up: allocations, oneDNN kernels
     times = []
     for i in range(1, steps + 1):

@@ -48,7 +48,7 @@ def run_case(precision: str, compile_model: bool, micro_batch: int, steps: int, 
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     wrapped = DistributedDataParallel(model, device_ids=[0]) if ddp else model
     if compile_model:
-        wrapped = compile_gpt(wrapped, model, mode=compile_mode)
+        wrapped = compile_gpt(wrapped, mode=compile_mode)
     torch.cuda.reset_peak_memory_stats()
     data = torch.randint(0, 50257, (steps + warmup, micro_batch, 513), device=device)
     losses = []

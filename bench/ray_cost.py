@@ -30,11 +30,10 @@ from pathlib import Path
 import torch
 
 from bench.__main__ import RESULTS, cpu_description, cpu_kind
+from bench.cpu_profile import worker_step
 from bench.train_speed import BATCH, BLOCK
 from gptdist.config import load_config
 from gptdist.driver import CONTROLLER_POLL_ENV, WORKER_MALLOC_ENV
-from gptdist.model import GPT, preset
-from gptdist.train_step import build_optimizer, optimizer_step
 
 WARMUP = 2
 
@@ -53,15 +52,7 @@ def machine_busy_s() -> float | None:
 def timed_steps(preset_name: str, precision: str, steps: int) -> dict:
     """`steps` optimizer steps after a warm-up, in the calling process."""
     torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(0)
-    cfg = load_config(overrides=[f"model.preset={preset_name}"])
-    model = GPT(preset(preset_name, block_size=BLOCK), chunked_loss=True)
-    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
-    data = torch.randint(0, 50257, (WARMUP + steps, BATCH, BLOCK + 1))
-
-    def step(i: int) -> None:
-        optimizer_step(model, optimizer, None, [data[i]], 1, precision, torch.device("cpu"), 1.0, is_ddp=False)
-
+    _, step = worker_step(preset_name, precision, WARMUP + steps)
     for i in range(WARMUP):
         step(i)
     busy, own, wall = machine_busy_s(), time.process_time(), time.perf_counter()

@@ -52,7 +52,7 @@ def plain_loop(preset_name: str, steps: int, warmup: int, precision: str = "fp32
     model = GPT(preset(preset_name, block_size=BLOCK))
     fpt = model.flops_per_token()
     optimizer = build_optimizer(model, cfg, torch.device("cpu"), fused=False)
-    step_model = compile_gpt(model, model) if compile_model else model
+    step_model = compile_gpt(model) if compile_model else model
     data = torch.randint(0, 50257, (warmup + steps, BATCH, BLOCK + 1))
     times, losses = [], []
     compile_start = time.perf_counter()

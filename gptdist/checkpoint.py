@@ -34,6 +34,7 @@ import torch
 from data_pipeline import storage
 from gptdist.digest import sha256_file
 from gptdist.config import ConfigError
+from gptdist.model import bare_gpt
 from gptdist.model_config import GPTConfig
 
 MODEL_FILE = "model.pt"
@@ -49,9 +50,7 @@ class CheckpointError(RuntimeError):
 def clean_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """state_dict of the bare GPT: unwraps DDP (`module.`) and torch.compile
     (`_orig_mod.`) so checkpoints load into a plain model."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu() for k, v in bare_gpt(model).state_dict().items()}
 
 
 def save_checkpoint(

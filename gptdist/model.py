@@ -180,13 +180,20 @@ class GPT(nn.Module):
         return idx
 
 
-def compile_gpt(wrapped: nn.Module, gpt: GPT, **options) -> nn.Module:
-    """`torch.compile(wrapped, **options)`, `wrapped` being `gpt` or DDP around
-    it. The chunked loss stays eager: its loop of matmuls and in-place updates
+def bare_gpt(model: nn.Module) -> GPT:
+    """The GPT inside DDP (`module`) and torch.compile (`_orig_mod`) wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+def compile_gpt(wrapped: nn.Module, **options) -> nn.Module:
+    """`torch.compile(wrapped, **options)`, `wrapped` being a GPT or DDP around
+    one. The chunked loss stays eager: its loop of matmuls and in-place updates
     costs the matmuls either way. It is marked here, when a model is compiled,
     not with a decorator: `torch.compiler.disable` imports torch._dynamo, which
     would add 1.2 s to the start of every process that imports the model."""
-    gpt.chunked_loss_fn = torch.compiler.disable(linear_cross_entropy)
+    bare_gpt(wrapped).chunked_loss_fn = torch.compiler.disable(linear_cross_entropy)
     return torch.compile(wrapped, **options)
 
 

@@ -312,7 +312,7 @@ def build_state(cfg: Config, device: torch.device, precision: str, chunked_loss:
 def wrap_model(state: TrainState, cfg: Config) -> None:
     state.wrapped = ray.train.torch.prepare_model(state.model)  # DDP when world > 1
     if cfg.train.compile:
-        state.wrapped = compile_gpt(state.wrapped, state.model)
+        state.wrapped = compile_gpt(state.wrapped)
 
 
 def run_facts(precision: str, device: torch.device, world: int, threads: int, chunked_loss: bool,

@@ -200,7 +200,7 @@ def test_compiled_model_leaves_the_chunked_loss_eager_and_matches():
     eager, compiled = GPT(config, chunked_loss=True), GPT(config, chunked_loss=True)
     compiled.load_state_dict(eager.state_dict())
     idx = torch.randint(0, 50257, (2, 32))
-    wrapped = compile_gpt(compiled, compiled, backend="eager")
+    wrapped = compile_gpt(compiled, backend="eager")
     torch._dynamo.reset()
     breaks = torch._dynamo.explain(compiled)(idx, targets=idx).break_reasons
     assert breaks and all("disable" in str(b.reason) for b in breaks), breaks
