@@ -186,7 +186,8 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
             row(f"{name}: peak RSS, gptdist train driver", fp32["driver_peak_rss_mb"], unit="MB",
                 note="the bench process: it also started Ray and prepared the data"),
         ]
-        raw[name] = {"plain_fp32": plain, "plain_fp32_after": plain_after, "plain_bf16": plain_bf16, **{f"gptdist_{k}": v for k, v in runs.items()}}
+        raw[name] = {"plain_fp32": plain, "plain_fp32_after": plain_after, "plain_bf16": plain_bf16,
+                     **{f"gptdist_{k}": v for k, v in runs.items()}}
     return rows, raw
 
 
