@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
 from data_pipeline import storage
 
@@ -154,6 +153,8 @@ class TrainStream:
     def micro_batches(self, step: int):
         """Yield (row_indices, tokens int64 tensor of shape (b, T+1)) for each
         micro-step of this rank at optimizer step `step`."""
+        import torch  # not at the top: Ray Data's reader actors import this module (rank_rows)
+
         rows = self.step_rows(step)
         for m in range(self.accumulation):
             mine = rows_for_micro_step(rows, m, self.rank, self.world_size, self.micro_batch)
@@ -165,6 +166,8 @@ def eval_batches(shards: list[Shard], *, num_batches: int, micro_batch: int, ran
     """The same fixed validation rows for every evaluation (rows 0.. of the
     split, wrapping round a small split), dealt round-robin to ranks, so
     losses are comparable across evals and across runs."""
+    import torch  # not at the top: Ray Data's reader actors import this module (rank_rows)
+
     cache = ShardCache(shards, vocab_size=vocab_size)
     total = sum(s.rows for s in shards)
     for k in range(num_batches):

@@ -23,7 +23,7 @@ from gptdist.precision_probe import (
 from gptdist.train_step import resolve_precision
 from gptdist.driver import train_main
 
-from support import tiny_config
+from support import DIRECT_INGEST, tiny_config
 
 CPU = torch.device("cpu")
 SHAPES = [Matmul(256, 64, 192, 2), Matmul(256, 64, 50304, 1, linear=False)]
@@ -106,7 +106,7 @@ def probe_cache_dir(tmp_path_factory):
 
 
 def test_auto_run_tags_its_precision_and_the_probe_figures(probe_cache_dir, tiny_dataset, tmp_path):
-    cfg = tiny_config(tmp_path, tiny_dataset, "auto-precision", "train.precision=auto", "ray.num_workers=2",
+    cfg = tiny_config(tmp_path, tiny_dataset, "auto-precision", "train.precision=auto", "ray.num_workers=2", DIRECT_INGEST,
                       "train.max_steps=2", "train.eval_interval=2", "train.checkpoint_interval=2")
     summary = train_main(cfg)
     tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(summary["mlflow_run_id"]).data.tags

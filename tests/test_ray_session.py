@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import ray
 
@@ -46,3 +47,18 @@ def test_shutdown_ray_leaves_no_process_of_its_node():
     assert actor_pid in processes_of_raylet(raylet_pid)
     shutdown_ray()
     assert processes_of_raylet(raylet_pid) == []
+
+
+def test_a_local_ray_starts_no_idle_workers():
+    """Ray would prestart one idle Python worker per CPU for the first
+    driver, none of which a run with a job runtime_env can use: a local Ray
+    of gptdist starts none (each costs a 2-core machine 1-2 s of CPU)."""
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    raylet_pid = local_raylet_pid()
+    try:
+        time.sleep(5)  # prestarted workers would have named themselves by now
+        names = [Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                 for pid in processes_of_raylet(raylet_pid)]
+        assert names and not [n for n in names if n.startswith("ray::IDLE")], names
+    finally:
+        shutdown_ray()

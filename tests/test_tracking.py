@@ -19,14 +19,15 @@ from gptdist.tokenizer import decode
 from gptdist.tracking import TrackingUnavailableError, open_tracking
 from gptdist.driver import train_main
 
-from support import BLOCK, free_port, tiny_config
+from support import BLOCK, DIRECT_INGEST, free_port, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def config(tmp: Path, data: Path, uri: str, name: str, *extra: str):
     return tiny_config(tmp, data, name, "train.max_steps=4", "train.eval_interval=2", "train.eval_batches=1",
-                       "train.checkpoint_interval=2", "tracking.experiment=tracking-test", *extra, uri=uri)
+                       "train.checkpoint_interval=2", "tracking.experiment=tracking-test", DIRECT_INGEST, *extra,
+                       uri=uri)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from support import tiny_config
+from support import DIRECT_INGEST, tiny_config
 from data_pipeline.manifest import DatasetError
 from gptdist.checkpoint import CheckpointError
 from gptdist.checkpoint_source import checkpoint_folders
@@ -32,7 +32,7 @@ def test_unreachable_ray_address_is_named():
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_dataset):
     tmp = tmp_path_factory.mktemp("finished")
-    cfg = tiny_config(tmp, tiny_dataset, "finished", "train.max_steps=2", "train.checkpoint_interval=2",
+    cfg = tiny_config(tmp, tiny_dataset, "finished", "train.max_steps=2", "train.checkpoint_interval=2", DIRECT_INGEST,
                       "train.eval_interval=2")
     return tmp, train_main(cfg)
 
@@ -108,7 +108,7 @@ def test_no_secrets_reach_mlflow(tiny_dataset, tmp_path, monkeypatch):
     for name in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN", "RAY_AUTH_TOKEN_X"):
         monkeypatch.setenv(name, secret)
     cfg = tiny_config(tmp_path, tiny_dataset, "secrets", "train.max_steps=1", "train.eval_interval=1",
-                      "train.checkpoint_interval=1")
+                      "train.checkpoint_interval=1", DIRECT_INGEST)
     summary = train_main(cfg)
     run = MlflowClient(cfg.tracking.uri).get_run(summary["mlflow_run_id"])
     everything = json.dumps({**run.data.params, **run.data.tags})

@@ -16,7 +16,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from support import audited_rows, free_port, wait_for, start_mlflow_server, stop_process_group, tiny_config
+from support import (DIRECT_INGEST, audited_rows, free_port, start_mlflow_server, stop_process_group, tiny_config,
+                     wait_for)
 from gptdist.fault_injection import FaultHooks
 from gptdist.checkpoint import load_model_state, read_meta
 from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint, resolve_checkpoint
@@ -127,12 +128,21 @@ def local_env() -> dict[str, str]:
     return env
 
 
-def start_and_wait_for_a_checkpoint(args: list[str], run_dir: Path, log: Path) -> subprocess.Popen:
-    first = subprocess.Popen(args, cwd=REPO, env=local_env(), start_new_session=True,
-                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    wait_for(lambda: any((p / "meta.json").exists() for p in checkpoint_folders(run_dir)),
-             timeout_s=400, what="a first checkpoint")
-    return first
+def start_and_wait_for_a_checkpoint(args: list[str], run_dir: Path, log: Path,
+                                    after_step: int = 0) -> subprocess.Popen:
+    """Start the command; return once it has a complete checkpoint later
+    than `after_step`."""
+    proc = subprocess.Popen(args, cwd=REPO, env=local_env(), start_new_session=True,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    wait_for(lambda: any((p / "meta.json").exists() and checkpoint_step(p) > after_step
+                         for p in checkpoint_folders(run_dir)),
+             timeout_s=400, what=f"a checkpoint after step {after_step}")
+    return proc
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step in a checkpoint folder's name (checkpoint_00000004: 4)."""
+    return int(folder.name.rsplit("_", 1)[1])
 
 
 def the_only_run(tmp_path: Path):
@@ -157,44 +167,39 @@ def assert_console_contract(stdout: str, stderr: str, max_steps: int) -> None:
         assert noise not in stdout + stderr, noise
 
 
-def test_kill_the_driver_and_start_again(tmp_path, tiny_dataset):
-    """SIGKILL `gptdist train` mid-run; the same command resumes from the
-    latest checkpoint into the same MLflow run, each step logged once."""
-    args = train_command(tmp_path, tiny_dataset, "driver-killed")
-    run_dir = tmp_path / "ray" / "driver-killed"
-    first = start_and_wait_for_a_checkpoint(args, run_dir, tmp_path / "first.log")
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    second = subprocess.run(args, cwd=REPO, env=local_env(), capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming MLflow run" in second.stdout
-    assert_console_contract(second.stdout, second.stderr, max_steps=12)
-    client, run = the_only_run(tmp_path)
-    assert run.info.status == "FINISHED"
-    for key in ("train/loss", "lr", "tokens_seen"):
-        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
-        assert steps == list(range(1, 13)), key
-    latest = checkpoint_folders(run_dir)[-1]
-    assert read_meta(latest)["step"] == 12
-
-
-def test_ctrl_c_is_an_interruption_and_a_resume_clears_it(tmp_path, tiny_dataset):
-    """SIGINT to the command's process group, as Ctrl-C in a terminal: the
-    MLflow run ends KILLED and says it was interrupted, not FAILED; the same
-    command then resumes it to FINISHED with no error or interruption tag."""
+def test_ctrl_c_then_kill_the_driver_then_resume(tmp_path, tiny_dataset):
+    """The same `gptdist train` command three times, as a user would:
+    Ctrl-C (SIGINT to the process group, as a terminal sends it) ends the
+    MLflow run KILLED and says it was interrupted, not FAILED; then SIGKILL
+    of the whole command mid-run; then the command resumes from the latest
+    checkpoint into the same MLflow run to FINISHED, every step logged once,
+    with no error or interruption tag left."""
     args = train_command(tmp_path, tiny_dataset, "interrupted")
-    first = start_and_wait_for_a_checkpoint(args, tmp_path / "ray" / "interrupted", tmp_path / "first.log")
+    run_dir = tmp_path / "ray" / "interrupted"
+    first = start_and_wait_for_a_checkpoint(args, run_dir, tmp_path / "first.log")
     os.killpg(first.pid, signal.SIGINT)
     assert first.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
     client, run = the_only_run(tmp_path)
     assert run.info.status == "KILLED", (tmp_path / "first.log").read_text()[-3000:]
     assert "interrupted" in run.data.tags["gptdist.interrupted"]
     assert "gptdist.error" not in run.data.tags
-    second = subprocess.run(args, cwd=REPO, env=local_env(), capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    interrupted_at = max(checkpoint_step(p) for p in checkpoint_folders(run_dir))
+    second = start_and_wait_for_a_checkpoint(args, run_dir, tmp_path / "second.log", after_step=interrupted_at)
+    os.killpg(second.pid, signal.SIGKILL)
+    second.wait()
+
+    third = subprocess.run(args, cwd=REPO, env=local_env(), capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "resuming MLflow run" in third.stdout
+    assert_console_contract(third.stdout, third.stderr, max_steps=12)
     client, run = the_only_run(tmp_path)
     assert run.info.status == "FINISHED"
     assert "gptdist.interrupted" not in run.data.tags and "gptdist.error" not in run.data.tags
+    for key in ("train/loss", "lr", "tokens_seen"):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        assert steps == list(range(1, 13)), key
+    assert read_meta(checkpoint_folders(run_dir)[-1])["step"] == 12
 
 
 def logged_losses(uri: str, experiment: str) -> int:
@@ -215,7 +220,8 @@ def test_mlflow_server_dies_mid_run(tmp_path, tiny_dataset):
     uri = f"http://127.0.0.1:{port}"
     # 30 steps: the server goes away after the first logged loss, with most
     # of the run still ahead.
-    cfg = tiny_config(tmp_path, tiny_dataset, "server-dies", "ray.num_workers=1", "train.max_steps=30", uri=uri)
+    cfg = tiny_config(tmp_path, tiny_dataset, "server-dies", "ray.num_workers=1", "train.max_steps=30", DIRECT_INGEST,
+                      uri=uri)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(train_main(cfg)))
     thread.start()
@@ -237,7 +243,7 @@ def test_mlflow_server_dies_mid_run(tmp_path, tiny_dataset):
 def test_non_finite_loss_stops_with_a_checkpoint(tmp_path, tiny_dataset):
     from ray.train import TrainingFailedError
 
-    cfg = tiny_config(tmp_path, tiny_dataset, "nan", "ray.num_workers=1", "train.max_nonfinite_steps=2",
+    cfg = tiny_config(tmp_path, tiny_dataset, "nan", "ray.num_workers=1", "train.max_nonfinite_steps=2", DIRECT_INGEST,
                       "train.checkpoint_interval=2")
     with pytest.raises(TrainingFailedError) as failure:
         train_main(cfg, hooks=FaultHooks(nan_loss_from_step=3))

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from gptdist.redaction import redact_text, redact_uri
 from gptdist.tracking import TrackingUnavailableError
 from gptdist.driver import train_main
-from support import LOOPBACK, descendants, free_port, listening_sockets, tiny_config
+from support import DIRECT_INGEST, LOOPBACK, descendants, free_port, listening_sockets, tiny_config
 
 SECRET = "s3cret-pw"
 
@@ -37,7 +37,7 @@ def test_an_unreachable_server_error_hides_the_password(tmp_path, prepared_tiny_
 def test_a_run_through_a_uri_with_a_password_stores_no_password(tmp_path, tiny_dataset, mlflow_server, capfd):
     uri = mlflow_server.replace("http://", f"http://alice:{SECRET}@")
     cfg = tiny_config(tmp_path, tiny_dataset, "secret-run", "train.max_steps=2", "train.eval_interval=2",
-                      "train.checkpoint_interval=2", uri=uri)
+                      "train.checkpoint_interval=2", DIRECT_INGEST, uri=uri)
     summary = train_main(cfg)
     out = capfd.readouterr()
     leaked = [line for line in (out.out + out.err).splitlines() if SECRET in line]
