@@ -45,11 +45,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+
 import ray
 import ray.data
 import ray.train
 
-from data_pipeline.rank_rows import RankRowReader, RowPlan, rank_items, rank_of_position  # noqa: F401 (this module's API)
+from data_pipeline.rank_rows import RankRowReader, RowPlan, rank_items
 from data_pipeline.stream import Shard, data_position, micro_steps, steps_per_epoch
 
 DATASET_NAME = "train"

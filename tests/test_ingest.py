@@ -15,9 +15,9 @@ from data_pipeline.ingest import (
     RayDataStream,
     RowOrderDataConfig,
     RowPlan,
-    rank_items,
     shard_listing,
 )
+from data_pipeline.rank_rows import rank_items
 from data_pipeline.stream import TrainStream
 from test_stream import write_shards
 
