@@ -59,6 +59,8 @@ def test_a_local_ray_starts_no_idle_workers():
         time.sleep(5)  # prestarted workers would have named themselves by now
         names = [Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
                  for pid in processes_of_raylet(raylet_pid)]
-        assert names and not [n for n in names if n.startswith("ray::IDLE")], names
+        # An empty list passes too: without prestarting, an idle Ray may have
+        # no worker process at all (the test above shows the lookup finds them).
+        assert not [n for n in names if n.startswith("ray::IDLE")], names
     finally:
         shutdown_ray()
