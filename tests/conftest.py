@@ -14,6 +14,7 @@ from support import (
     start_mlflow_server,
     start_s3_server,
     stop_process_group,
+    tiny_config,
     write_tiny_corpus,
 )
 
@@ -26,18 +27,59 @@ S3_BUCKET = "gptdist-test"
 os.environ.setdefault("GPTDIST_CACHE_DIR", tempfile.mkdtemp(prefix="gptdist-test-cache-"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules that start a Ray of their own (`own_ray`) run after the
+    others, so that the shared Ray starts once; the order within each group
+    and each module stays as collected."""
+    own = {item.module.__name__ for item in items if "own_ray" in item.fixturenames}
+    items.sort(key=lambda item: item.module.__name__ in own)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray of its own, started as `gptdist train --local` starts
-    it (address="local" never joins another cluster running on the machine).
+    """A real local Ray, started as `gptdist train --local` starts it
+    (address="local" never joins another cluster running on the machine).
     Its dashboard serves the state API that Ray Train's placement-group
     cleaner polls: without one, every run's shutdown waits out the cleaner's
-    12 s timeout."""
-    from gptdist.ray_session import shutdown_ray, start_local_ray
+    12 s timeout.
 
-    start_local_ray(num_cpus=4)
+    Modules share it: it is started by the first module that asks for it
+    and stopped at the end of the session, or by `own_ray` in a module that
+    needs a Ray of its own (then the next module that asks starts it
+    again). Each start costs a 2-core machine 10-15 s of CPU (the dashboard's
+    processes, Ray Data's per-session actors)."""
+    ensure_shared_ray()
     yield
+
+
+def ensure_shared_ray() -> None:
+    import ray
+
+    from gptdist.ray_session import start_local_ray
+
+    if not ray.is_initialized():
+        start_local_ray(num_cpus=4)
+
+
+@pytest.fixture(scope="module")
+def own_ray():
+    """For a module that starts a Ray of its own (with other settings or
+    environment): the shared one is stopped first."""
+    from gptdist.ray_session import shutdown_ray
+
     shutdown_ray()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_ray_at_the_end():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        from gptdist.ray_session import shutdown_ray
+
+        shutdown_ray()
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +98,22 @@ def prepared_tiny_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "tiny"
     prepare_dataset([str(corpus)], out, block_size=BLOCK, val_fraction=0.1)
     return out
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, prepared_tiny_dataset) -> tuple[Path, dict]:
+    """The uninterrupted 2-worker nano run (6 steps, checkpoints at 2, 4
+    and 6, the rows of each step audited) that the resume, fault and
+    accumulation tests must reproduce: trained once for the session on the
+    shared Ray. Its folder and summary; a test that would change them works
+    on a copy."""
+    from gptdist.driver import train_main
+    from gptdist.fault_injection import FaultHooks
+
+    ensure_shared_ray()
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = tiny_config(tmp, prepared_tiny_dataset, "reference", "ray.num_workers=2", "train.checkpoint_interval=2")
+    return tmp, train_main(cfg, hooks=FaultHooks(audit_dir=str(tmp / "audit")))
 
 
 @pytest.fixture(scope="module")

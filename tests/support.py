@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -94,11 +96,32 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 DIRECT_INGEST = "data.ingest=direct"
 
 
+_STORE_TEMPLATE: list[Path] = []
+
+
+def sqlite_store(tmp: Path) -> str:
+    """The URI of an MLflow SQLite store at `tmp`/mlflow.db. A new store
+    costs 2-4 s of CPU in MLflow's schema migrations, so a missing one is
+    copied from a store MLflow created once for the test session. Tests of
+    creating a store (tests/test_tracking.py) pass a new file's URI instead."""
+    from mlflow.tracking import MlflowClient
+
+    if not _STORE_TEMPLATE:
+        template = Path(tempfile.mkdtemp(prefix="gptdist-test-store-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates the tables
+        _STORE_TEMPLATE.append(template)
+    database = tmp / "mlflow.db"
+    if not database.exists():
+        tmp.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_STORE_TEMPLATE[0], database)
+    return f"sqlite:///{database}"
+
+
 def tiny_config(tmp: Path, data: Path, name: str, *extra: str, uri: str | None = None):
     """A nano-model run on the tiny dataset, all state under `tmp`."""
     from gptdist.config import load_config
 
-    uri = uri or f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = uri or sqlite_store(tmp)
     return load_config(overrides=[
         "model.preset=nano", f"model.block_size={BLOCK}", f"data.path={data}",
         "train.global_batch_size=8", "train.micro_batch_size=4", "train.max_steps=6",

@@ -43,7 +43,7 @@ BLOCK = 64
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(own_ray):
     # address="local": our own Ray even if another one runs on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")

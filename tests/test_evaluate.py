@@ -26,7 +26,7 @@ BLOCK = 32
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def ray_local(own_ray):
     import ray
 
     # address="local": a new cluster even when another one runs on this machine

@@ -16,6 +16,7 @@ import pytest
 import ray
 import ray.train
 import torch
+from mlflow.tracking import MlflowClient
 
 from data_pipeline import storage
 from data_pipeline.manifest import (
@@ -46,7 +47,7 @@ from support import BLOCK, audited_rows, free_port, tiny_config, wait_for, write
 pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
-def s3_ray(s3_server):
+def s3_ray(s3_server, own_ray):
     """A local Ray of the module's own, started after `s3_server` set the
     AWS_* variables, so its workers inherit them."""
     from gptdist.ray_session import start_local_ray
@@ -263,7 +264,7 @@ def test_train_from_the_bucket_kill_a_worker_and_resume_on_one(s3_server, s3_dat
     Train restarts it from the step-2 checkpoint; the run stops at step 4
     and the same run name continues on 1 worker to the end of the epoch.
     Every row of the epoch is trained exactly once, at the step the plan
-    gives it."""
+    gives it, and one MLflow run holds each step once."""
     runs = f"{s3_server}/runs-train"
     audit, pids = tmp_path / "audit", tmp_path / "pids"
     # 32 rows a step: the tiny split's 184 rows are 5 steps, 24 rows left over.
@@ -281,6 +282,9 @@ def test_train_from_the_bucket_kill_a_worker_and_resume_on_one(s3_server, s3_dat
     thread.join(timeout=600)
     assert result["step"] == 4
     assert int((pids / "rank1.pid").read_text()) != killed  # a new worker process took over
+    client = MlflowClient(first.tracking.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("gptdist").experiment_id])
+    assert run.info.status == "FINISHED" and "rank 1" in run.data.tags["gptdist.last_worker_error"]
     second = tiny_config(tmp_path, s3_dataset, "from-s3", "ray.num_workers=1", "train.micro_batch_size=16",
                          "train.max_steps=5", *common)
     summary = train_main(second, hooks=FaultHooks(audit_dir=str(audit)))
@@ -297,3 +301,9 @@ def test_train_from_the_bucket_kill_a_worker_and_resume_on_one(s3_server, s3_dat
     assert rows == expected
     every = [r for step_rows in rows.values() for r in step_rows]
     assert len(every) == len(set(every)) == 5 * 32  # each row of the epoch once
+    # One MLflow run; step 3, trained twice, and step 4, trained before the
+    # resize, are logged once.
+    (run,) = client.search_runs([client.get_experiment_by_name("gptdist").experiment_id])
+    assert run.info.status == "FINISHED"
+    for key in ("train/loss", "lr", "tokens_seen"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3, 4, 5], key

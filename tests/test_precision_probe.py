@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import time
+from collections import Counter
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
+from gptdist import precision_probe
 from gptdist.model import preset
 from gptdist.precision_probe import (
-    CACHE_DIR_ENV,
     Matmul,
     ProbeResult,
     choose_precision,
@@ -21,9 +19,6 @@ from gptdist.precision_probe import (
     probe_precision,
 )
 from gptdist.train_step import resolve_precision
-from gptdist.driver import train_main
-
-from support import DIRECT_INGEST, tiny_config
 
 CPU = torch.device("cpu")
 SHAPES = [Matmul(256, 64, 192, 2), Matmul(256, 64, 50304, 1, linear=False)]
@@ -81,41 +76,29 @@ def test_forced_precision_wins_without_measuring():
     assert resolve_precision("auto", CPU, lambda: measured) == ("bf16", measured)
 
 
-def test_measurement_is_short_and_covers_the_head():
+def test_measurement_is_bounded_and_covers_the_head(monkeypatch):
+    """Each product and precision gets a warm-up call and at most `trials`
+    timings (the budget is in calls, not a wall-clock limit), the LM head's
+    chunk included."""
     torch.set_num_threads(1)
     matmuls = model_matmuls(preset("nano", block_size=64), micro_batch_size=4, chunked_loss=True)
     assert matmuls[-1] == Matmul(256, 64, 50304, 1, linear=False)  # one 256-row chunk of the head
-    start = time.perf_counter()
+    calls = Counter()
+    real_runners = precision_probe.matmul_runners
+
+    def counted_runners(mm):
+        def counted(kind, run):
+            def call(n):
+                calls[mm, kind] += 1
+                run(n)
+            return call
+        return tuple(counted(kind, run) for kind, run in zip(("fp32", "bf16"), real_runners(mm)))
+
+    monkeypatch.setattr(precision_probe, "matmul_runners", counted_runners)
     fp32_flops, bf16_flops = measure_precisions(matmuls, seconds=0.5, trials=3)
-    assert time.perf_counter() - start < 10  # 0.5 s asked, plus warm-up calls on a busy machine
     assert fp32_flops > 1e8 and bf16_flops > 0
+    assert all(2 <= calls[mm, "fp32"] <= 1 + 3 for mm in matmuls), calls
+    assert all(calls[mm, "bf16"] <= 1 + 3 for mm in matmuls), calls
 
 
-@pytest.fixture(scope="module")
-def probe_cache_dir(tmp_path_factory):
-    """An empty cache folder for the module, in the environment before the
-    module's Ray starts (`tiny_dataset`), so that its workers inherit it."""
-    folder = tmp_path_factory.mktemp("gptdist-cache")
-    saved = os.environ.get(CACHE_DIR_ENV)
-    os.environ[CACHE_DIR_ENV] = str(folder)
-    yield folder
-    if saved is None:
-        os.environ.pop(CACHE_DIR_ENV, None)
-    else:
-        os.environ[CACHE_DIR_ENV] = saved
-
-
-def test_auto_run_tags_its_precision_and_the_probe_figures(probe_cache_dir, tiny_dataset, tmp_path):
-    cfg = tiny_config(tmp_path, tiny_dataset, "auto-precision", "train.precision=auto", "ray.num_workers=2", DIRECT_INGEST,
-                      "train.max_steps=2", "train.eval_interval=2", "train.checkpoint_interval=2")
-    summary = train_main(cfg)
-    tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(summary["mlflow_run_id"]).data.tags
-    fp32 = float(tags["gptdist.precision_probe.fp32_gflops"])
-    bf16 = float(tags["gptdist.precision_probe.bf16_gflops"])
-    assert fp32 > 0 and bf16 > 0
-    assert tags["gptdist.precision"] == choose_precision(fp32, bf16)
-    assert tags["gptdist.precision_probe.cached"] == "false"
-    (entry,) = json.loads((probe_cache_dir / "precision-probe.json").read_text()).values()
-    assert entry["fp32_flops"] / 1e9 == pytest.approx(fp32, abs=0.1)
-    assert entry["bf16_flops"] / 1e9 == pytest.approx(bf16, abs=0.1)
-    assert entry["threads"] == max(1, (os.cpu_count() or 1) // 2)  # rank 0 measured with its own thread count
+# A real run's precision and probe tags: tests/test_tracking.py

@@ -8,9 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import ray
 
 from gptdist.ray_session import end_processes_of_raylet, local_raylet_pid, processes_of_raylet, shutdown_ray, start_local_ray
+
+pytestmark = pytest.mark.usefixtures("own_ray")  # its tests start and stop Rays of their own
 
 
 def sleeper(raylet_pid: int) -> subprocess.Popen:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 import uuid
@@ -16,6 +17,7 @@ from data_pipeline.reader import first_row_tokens
 from gptdist.run_data import DatasetInfo, log_dataset_input
 from gptdist.runs import format_table, run_rows
 from gptdist.tokenizer import decode
+from gptdist.precision_probe import CACHE_DIR_ENV, choose_precision
 from gptdist.tracking import TrackingUnavailableError, open_tracking
 from gptdist.driver import train_main
 
@@ -31,10 +33,26 @@ def config(tmp: Path, data: Path, uri: str, name: str, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def server_run(tmp_path_factory, tiny_dataset, mlflow_server):
+def probe_cache_dir(tmp_path_factory):
+    """An empty precision-probe cache folder for the module, in the driver's
+    environment (the driver hands it to the workers in their runtime_env)."""
+    folder = tmp_path_factory.mktemp("gptdist-cache")
+    saved = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = saved
+
+
+@pytest.fixture(scope="module")
+def server_run(tmp_path_factory, tiny_dataset, mlflow_server, probe_cache_dir):
+    """2 workers as a user runs them: precision and the MFU peak measured
+    by the workers (`auto`), every checkpoint logged."""
     tmp = tmp_path_factory.mktemp("server-run")
-    cfg = config(tmp, tiny_dataset, mlflow_server, "two-workers", "ray.num_workers=2",
-                 "tracking.log_checkpoints=all", "train.cpu_peak_flops=null")  # the workers' own probe
+    cfg = config(tmp, tiny_dataset, mlflow_server, "two-workers", "ray.num_workers=2", "train.precision=auto",
+                 "tracking.log_checkpoints=all", "train.cpu_peak_flops=null")
     return train_main(cfg)
 
 
@@ -49,7 +67,7 @@ def test_two_worker_run_is_fully_logged(server_run, mlflow_server, tiny_dataset)
     tags = run.data.tags
     assert tags["gptdist.run_kind"] == "train"
     assert tags["gptdist.device_type"] == "cpu"
-    assert tags["gptdist.precision"] == "fp32" and tags["gptdist.world_size"] == "2"
+    assert tags["gptdist.precision"] in ("fp32", "bf16") and tags["gptdist.world_size"] == "2"
     assert tags["gptdist.worker_keeps_freed_memory"] == "true"  # the malloc settings reached the workers
     assert len(tags["gptdist.dataset_manifest_sha256"]) == 64
     # The data is the dataset's own record, not the config's default sources.
@@ -78,6 +96,19 @@ def test_two_worker_run_is_fully_logged(server_run, mlflow_server, tiny_dataset)
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/model.pt", "model/meta.json"}
     assert len(client.list_artifacts(run.info.run_id, "samples")) == 2
     assert len(client.list_artifacts(run.info.run_id, "checkpoints")) == 2
+
+
+def test_auto_run_tags_its_precision_and_the_probe_figures(server_run, mlflow_server, probe_cache_dir):
+    tags = MlflowClient(mlflow_server).get_run(server_run["mlflow_run_id"]).data.tags
+    fp32 = float(tags["gptdist.precision_probe.fp32_gflops"])
+    bf16 = float(tags["gptdist.precision_probe.bf16_gflops"])
+    assert fp32 > 0 and bf16 > 0
+    assert tags["gptdist.precision"] == choose_precision(fp32, bf16)
+    assert tags["gptdist.precision_probe.cached"] == "false"
+    (entry,) = json.loads((probe_cache_dir / "precision-probe.json").read_text()).values()
+    assert entry["fp32_flops"] / 1e9 == pytest.approx(fp32, abs=0.1)
+    assert entry["bf16_flops"] / 1e9 == pytest.approx(bf16, abs=0.1)
+    assert entry["threads"] == max(1, (os.cpu_count() or 1) // 2)  # rank 0 measured with its own thread count
 
 
 def test_resumed_run_appends_to_the_same_mlflow_run(tmp_path, tiny_dataset, mlflow_server):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
-from support import BLOCK, tiny_config
+from support import BLOCK, DIRECT_INGEST, tiny_config
 from mlflow.tracking import MlflowClient
 
 from gptdist import tracking
@@ -30,6 +30,10 @@ from gptdist.tune_space import (
     steps_for_flops,
     trial_config,
 )
+
+# No shared Ray in this module: tune_main starts the one it needs (with the
+# dashboard), as `gptdist tune` does, and stops it.
+pytestmark = pytest.mark.usefixtures("own_ray")
 
 
 def tune_config(*extra: str):
@@ -153,17 +157,16 @@ def test_optuna_is_a_clear_error_when_missing():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """No shared Ray in this module: the dataset is prepared in a Ray of its
-    own and tune_main starts the one it needs (with the dashboard), as
-    `gptdist tune` does."""
     yield
 
 
 def sweep_config(tmp: Path, data: Path, *extra: str):
     """4 valid trials: 2 depths x a learning rate that learns and one that
-    cannot (1e-6), plus 2 shapes that cannot exist (3 heads, 64 wide)."""
+    cannot (1e-6), plus 2 shapes that cannot exist (3 heads, 64 wide). The
+    trials read their rows directly (the search, not the data path, is
+    what this module tests)."""
     return tiny_config(
-        tmp, data, "unused", "train.global_batch_size=4", "train.micro_batch_size=4",
+        tmp, data, "unused", DIRECT_INGEST, "train.global_batch_size=4", "train.micro_batch_size=4",
         "train.warmup_steps=2", "train.log_interval=2", "train.eval_interval=2",
         "train.checkpoint_interval=100", "train.sample_tokens=0",
         "tune.n_layer=[1, 2]", "tune.n_head=[2, 3]", "tune.n_embd=[64]", "tune.learning_rate=[0.003, 0.000001]",

@@ -30,36 +30,38 @@ def test_unreachable_ray_address_is_named():
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_dataset):
+def finished_run(tmp_path_factory, reference_run, tiny_dataset):
+    """A copy of the session's finished 2-worker run "reference"
+    (conftest.py): its checkpoints, in a folder of the module's own."""
+    ref_tmp, summary = reference_run
     tmp = tmp_path_factory.mktemp("finished")
-    cfg = tiny_config(tmp, tiny_dataset, "finished", "train.max_steps=2", "train.checkpoint_interval=2", DIRECT_INGEST,
-                      "train.eval_interval=2")
-    return tmp, train_main(cfg)
+    shutil.copytree(ref_tmp / "ray" / "reference", tmp / "ray" / "reference")
+    return tmp, summary
 
 
 def test_resume_with_another_model_shape_fails_before_workers(finished_run, tiny_dataset):
     tmp, _ = finished_run
-    cfg = tiny_config(tmp, tiny_dataset, "finished", "model.preset=micro", "train.max_steps=4")
+    cfg = tiny_config(tmp, tiny_dataset, "reference", "model.preset=micro", "train.max_steps=8")
     with pytest.raises(CheckpointError, match=r"another model shape \(n_layer: checkpoint 2 vs model 4"):
         train_main(cfg)
 
 
 def test_resume_with_another_global_batch_is_refused(finished_run, tiny_dataset):
     tmp, _ = finished_run
-    cfg = tiny_config(tmp, tiny_dataset, "finished", "train.global_batch_size=4", "train.max_steps=4")
+    cfg = tiny_config(tmp, tiny_dataset, "reference", "train.global_batch_size=4", "train.max_steps=8")
     with pytest.raises(ConfigError, match=r"trained with train\.global_batch_size=8; resuming with 4"):
         train_main(cfg)
 
 
 def test_tampered_checkpoint_is_refused(finished_run, tiny_dataset, tmp_path):
     tmp, summary = finished_run
-    copy = tmp_path / "ray" / "finished"
-    shutil.copytree(tmp / "ray" / "finished", copy)
+    copy = tmp_path / "ray" / "reference"
+    shutil.copytree(tmp / "ray" / "reference", copy)
     latest = checkpoint_folders(copy)[-1]
     with open(latest / "model.pt", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02\x03")
-    cfg = tiny_config(tmp_path, tiny_dataset, "finished", "train.max_steps=4")
+    cfg = tiny_config(tmp_path, tiny_dataset, "reference", "train.max_steps=8")
     with pytest.raises(CheckpointError, match=r"model\.pt has sha256 .* the file was altered"):
         train_main(cfg)
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from support import (DIRECT_INGEST, audited_rows, free_port, start_mlflow_server, stop_process_group, tiny_config,
-                     wait_for)
+from support import (DIRECT_INGEST, audited_rows, free_port, sqlite_store, start_mlflow_server, stop_process_group,
+                     tiny_config, wait_for)
 from gptdist.fault_injection import FaultHooks
 from gptdist.checkpoint import load_model_state, read_meta
 from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint, resolve_checkpoint
@@ -25,87 +25,46 @@ from gptdist.driver import train_main
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_dataset):
-    """The uninterrupted 2-worker run the faulty ones must reproduce."""
-    tmp = tmp_path_factory.mktemp("reference")
-    summary = train_main(tiny_config(tmp, tiny_dataset, "reference", "ray.num_workers=2",
-                                     "train.checkpoint_interval=2"),
-                         hooks=FaultHooks(audit_dir=str(tmp / "audit")))
-    return tmp, summary
-
-
 def assert_same_params(a: dict, b: dict) -> None:
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
 
 
-def test_sigkill_a_worker_mid_run(tmp_path, tiny_dataset, reference):
-    ref_tmp, ref = reference
-    cfg = tiny_config(tmp_path, tiny_dataset, "killed-worker", "ray.num_workers=2", "ray.max_failures=2",
-                      "train.checkpoint_interval=2")
-    pids, audit = tmp_path / "pids", tmp_path / "audit"
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(train_main(
-        cfg, hooks=FaultHooks(audit_dir=str(audit), pid_dir=str(pids)))))
-    thread.start()
-    # Kill rank 1 once step 3 has been trained (the latest checkpoint is step 2).
-    wait_for(lambda: len(audited_rows(audit)) >= 3, what="three trained steps")
-    killed = int((pids / "rank1.pid").read_text())
-    os.kill(killed, signal.SIGKILL)
-    thread.join(timeout=600)
-    assert result["step"] == 6
-    assert int((pids / "rank1.pid").read_text()) != killed  # a new worker process took over
-    assert_same_params(load_model_state(ref["checkpoint"])[0], load_model_state(result["checkpoint"])[0])
-    rows = audited_rows(audit)
-    assert rows == audited_rows(ref_tmp / "audit")
-    every = [r for step_rows in rows.values() for r in step_rows]
-    assert len(every) == len(set(every))  # no row of the epoch trained twice, none skipped
-    client = MlflowClient(cfg.tracking.uri)
-    runs = client.search_runs([client.get_experiment_by_name("gptdist").experiment_id])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    for key in ("train/loss", "lr", "tokens_seen"):  # step 3, trained twice, is logged once
-        steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, key))
-        assert steps == [1, 2, 3, 4, 5, 6], key
-    assert "rank 1" in runs[0].data.tags["gptdist.last_worker_error"]
-
-
-def test_sigkill_while_writing_a_checkpoint(tmp_path, tiny_dataset, reference):
-    """Rank 0 dies between model.pt and meta.json of the step-4 checkpoint:
-    that checkpoint never registers; the run resumes from step 2."""
-    ref_tmp, ref = reference
-    cfg = tiny_config(tmp_path, tiny_dataset, "killed-checkpoint", "ray.num_workers=2", "ray.max_failures=1",
-                      "train.checkpoint_interval=2")
-    summary = train_main(cfg, hooks=FaultHooks(audit_dir=str(tmp_path / "audit"),
-                                                 kill_while_checkpointing_step=4))
+def test_a_checkpoint_cut_short_is_never_resumed_from(tmp_path, tiny_dataset, reference_run, capsys):
+    """Two ways a checkpoint ends up incomplete, in the reference's run.
+    First, rank 0 is SIGKILLed between model.pt and meta.json of the step-4
+    checkpoint: that checkpoint never registers, Ray Train restarts the
+    workers from step 2, the run ends at step 6 identical to the
+    uninterrupted run and every checkpoint left in storage is complete.
+    Then the latest checkpoint's meta.json is deleted and the same run is
+    started again: training and its data stream resume from the complete
+    one before it (step 4), `--from <run folder>` (sample/eval/export)
+    loads that same one, and the result again equals the uninterrupted
+    run's."""
+    ref_tmp, ref = reference_run  # 2 workers, checkpoints at 2, 4, 6 (conftest.py)
+    common = ["ray.num_workers=2", "train.checkpoint_interval=2"]
+    cfg = tiny_config(tmp_path, tiny_dataset, "cut-short", "ray.max_failures=1", *common)
+    summary = train_main(cfg, hooks=FaultHooks(audit_dir=str(tmp_path / "audit"), kill_while_checkpointing_step=4))
+    run_dir = tmp_path / "ray" / "cut-short"
     assert summary["step"] == 6
-    assert (tmp_path / "ray" / "killed-checkpoint" / "killed-ckpt-4").exists()  # the kill happened
+    assert (run_dir / "killed-ckpt-4").exists()  # the kill happened
     assert_same_params(load_model_state(ref["checkpoint"])[0], load_model_state(summary["checkpoint"])[0])
-    assert audited_rows(tmp_path / "audit") == audited_rows(ref_tmp / "audit")
-    for folder in checkpoint_folders(tmp_path / "ray" / "killed-checkpoint"):
+    ref_rows = audited_rows(ref_tmp / "audit")
+    assert audited_rows(tmp_path / "audit") == ref_rows
+    for folder in checkpoint_folders(run_dir):
         read_meta(folder)  # every checkpoint left in storage is complete
 
-
-def test_an_incomplete_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_dataset, reference, capsys):
-    """meta.json of the latest checkpoint is deleted between two runs of the
-    same name: train resumes from the complete one before it (so does the
-    data stream), `--from <run folder>` loads that same one, and the end
-    result equals the uninterrupted run's."""
-    ref_tmp, ref = reference
-    audit = FaultHooks(audit_dir=str(tmp_path / "audit"))
-    common = ["ray.num_workers=2", "train.checkpoint_interval=2", "train.lr_decay_steps=6"]
-    train_main(tiny_config(tmp_path, tiny_dataset, "incomplete", "train.max_steps=4", *common),
-               hooks=audit)
-    run_dir = tmp_path / "ray" / "incomplete"
-    (run_dir / "checkpoint_00000004" / "meta.json").unlink()
-    assert latest_ray_checkpoint(run_dir).name == "checkpoint_00000002"
-    cfg = tiny_config(tmp_path, tiny_dataset, "incomplete", "train.max_steps=6", *common)
-    assert resolve_checkpoint(str(run_dir), cfg).name == "checkpoint_00000002"  # what sample/eval/export load
-    summary = train_main(cfg, hooks=audit)
-    assert "checkpoint_00000004 is incomplete" in capsys.readouterr().out
+    (run_dir / "checkpoint_00000006" / "meta.json").unlink()
+    assert latest_ray_checkpoint(run_dir).name == "checkpoint_00000004"
+    cfg = tiny_config(tmp_path, tiny_dataset, "cut-short", *common)
+    assert resolve_checkpoint(str(run_dir), cfg).name == "checkpoint_00000004"  # what sample/eval/export load
+    capsys.readouterr()
+    summary = train_main(cfg, hooks=FaultHooks(audit_dir=str(tmp_path / "audit-again")))
+    assert "checkpoint_00000006 is incomplete" in capsys.readouterr().out
     assert summary["step"] == 6
     assert_same_params(load_model_state(ref["checkpoint"])[0], load_model_state(summary["checkpoint"])[0])
-    assert audited_rows(tmp_path / "audit") == audited_rows(ref_tmp / "audit")
+    again = audited_rows(tmp_path / "audit-again")  # keyed by steps done before: 4 is the fifth step
+    assert again == {step: ref_rows[step] for step in (4, 5)}
 
 
 def train_command(tmp_path: Path, data: Path, name: str) -> list[str]:
@@ -115,7 +74,7 @@ def train_command(tmp_path: Path, data: Path, name: str) -> list[str]:
                "train.global_batch_size=8", "train.micro_batch_size=8", "train.max_steps=12",
                "train.log_interval=1", "train.eval_interval=6", "train.eval_batches=1",
                "train.checkpoint_interval=2", "train.sample_tokens=0", f"train.run_name={name}",
-               f"ray.storage_path={tmp_path / 'ray'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+               f"ray.storage_path={tmp_path / 'ray'}", f"tracking.uri={sqlite_store(tmp_path)}",
                f"tracking.runs_dir={tmp_path}", "ray.local_num_cpus=2", "train.cpu_peak_flops=1.0e+11"]:
         args += ["--set", kv]
     return args
