@@ -34,7 +34,14 @@ def test_an_unreachable_server_error_hides_the_password(tmp_path, prepared_tiny_
     assert "alice:***@127.0.0.1" in str(failure.value) and SECRET not in str(failure.value)
 
 
-def test_a_run_through_a_uri_with_a_password_stores_no_password(tmp_path, tiny_dataset, mlflow_server, capfd):
+def test_a_run_through_a_uri_with_a_password_stores_no_password(tmp_path, tiny_dataset, mlflow_server, capfd,
+                                                                 monkeypatch):
+    """A password in the tracking URI is shown as *** everywhere; secrets in
+    the environment reach neither params nor tags (params are the config,
+    tags are versions and hashes)."""
+    in_environment = "s3cr3t-VALUE-must-not-leak"
+    for name in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN", "RAY_AUTH_TOKEN_X"):
+        monkeypatch.setenv(name, in_environment)
     uri = mlflow_server.replace("http://", f"http://alice:{SECRET}@")
     cfg = tiny_config(tmp_path, tiny_dataset, "secret-run", "train.max_steps=2", "train.eval_interval=2",
                       "train.checkpoint_interval=2", DIRECT_INGEST, uri=uri)
@@ -47,7 +54,7 @@ def test_a_run_through_a_uri_with_a_password_stores_no_password(tmp_path, tiny_d
     assert run.info.status == "FINISHED"
     assert run.data.params["tracking.uri"] == mlflow_server.replace("http://", "http://alice:***@")
     for text in [*run.data.params.values(), *run.data.tags.values()]:
-        assert SECRET not in text
+        assert SECRET not in text and in_environment not in text
     config_yaml = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert SECRET not in open(config_yaml).read()
 
