@@ -4,6 +4,7 @@ import these without clashing with tests/e2e/conftest.py)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -96,7 +97,14 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 DIRECT_INGEST = "data.ingest=direct"
 
 
-_STORE_TEMPLATE: list[Path] = []
+@functools.cache
+def store_template() -> Path:
+    """A SQLite store MLflow created (its tables) once for the test session."""
+    from mlflow.tracking import MlflowClient
+
+    template = Path(tempfile.mkdtemp(prefix="gptdist-test-store-")) / "mlflow.db"
+    MlflowClient(f"sqlite:///{template}").search_experiments()
+    return template
 
 
 def sqlite_store(tmp: Path) -> str:
@@ -104,16 +112,10 @@ def sqlite_store(tmp: Path) -> str:
     costs 2-4 s of CPU in MLflow's schema migrations, so a missing one is
     copied from a store MLflow created once for the test session. Tests of
     creating a store (tests/test_tracking.py) pass a new file's URI instead."""
-    from mlflow.tracking import MlflowClient
-
-    if not _STORE_TEMPLATE:
-        template = Path(tempfile.mkdtemp(prefix="gptdist-test-store-")) / "mlflow.db"
-        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates the tables
-        _STORE_TEMPLATE.append(template)
     database = tmp / "mlflow.db"
     if not database.exists():
         tmp.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(_STORE_TEMPLATE[0], database)
+        shutil.copyfile(store_template(), database)
     return f"sqlite:///{database}"
 
 

@@ -86,15 +86,14 @@ def test_measurement_is_bounded_and_covers_the_head(monkeypatch):
     calls = Counter()
     real_runners = precision_probe.matmul_runners
 
-    def counted_runners(mm):
-        def counted(kind, run):
-            def call(n):
-                calls[mm, kind] += 1
-                run(n)
-            return call
-        return tuple(counted(kind, run) for kind, run in zip(("fp32", "bf16"), real_runners(mm)))
+    def counted(mm, kind, run):
+        def call(n):
+            calls[mm, kind] += 1
+            run(n)
+        return call
 
-    monkeypatch.setattr(precision_probe, "matmul_runners", counted_runners)
+    monkeypatch.setattr(precision_probe, "matmul_runners", lambda mm: tuple(
+        counted(mm, kind, run) for kind, run in zip(("fp32", "bf16"), real_runners(mm))))
     fp32_flops, bf16_flops = measure_precisions(matmuls, seconds=0.5, trials=3)
     assert fp32_flops > 1e8 and bf16_flops > 0
     assert all(2 <= calls[mm, "fp32"] <= 1 + 3 for mm in matmuls), calls

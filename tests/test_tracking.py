@@ -37,13 +37,9 @@ def probe_cache_dir(tmp_path_factory):
     """An empty precision-probe cache folder for the module, in the driver's
     environment (the driver hands it to the workers in their runtime_env)."""
     folder = tmp_path_factory.mktemp("gptdist-cache")
-    saved = os.environ.get(CACHE_DIR_ENV)
-    os.environ[CACHE_DIR_ENV] = str(folder)
-    yield folder
-    if saved is None:
-        os.environ.pop(CACHE_DIR_ENV, None)
-    else:
-        os.environ[CACHE_DIR_ENV] = saved
+    with pytest.MonkeyPatch.context() as patch:  # restored after the module
+        patch.setenv(CACHE_DIR_ENV, str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="module")

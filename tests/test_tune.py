@@ -157,6 +157,7 @@ def test_optuna_is_a_clear_error_when_missing():
 
 @pytest.fixture(scope="module")
 def ray_local():
+    """Not the shared Ray (see `own_ray` above): tiny_dataset needs none."""
     yield
 
 
