@@ -1,0 +1,35 @@
+"""The benchmark's report arithmetic (pure functions; the benchmark itself
+is run by `make bench`, not by the tests)."""
+
+from bench.__main__ import paired_row, row
+
+
+def test_row_ratio_and_target():
+    assert row("x", 130.0, 100.0, 1.3)["met"] is True
+    assert row("x", 129.0, 100.0, 1.3)["met"] is False
+    assert row("x", 5.0, unit="s", at_most=4.0)["met"] is False
+
+
+def test_paired_row_is_the_mean_of_the_pairs_ratios():
+    # The machine halved its speed between the pairs: each run is 1.4x the
+    # plain loop next to it, though the second run is slower than the first
+    # plain loop.
+    pairs = [({"tokens_per_s": 200.0}, {"tokens_per_s": 280.0}),
+             ({"tokens_per_s": 100.0}, {"tokens_per_s": 140.0})]
+    result = paired_row("mini", "fp32", pairs, 1.3)
+    assert abs(result["ratio"] - 1.4) < 1e-9
+    assert result["met"] is True
+    assert "1.40x, 1.40x" in result["note"]
+    slower = paired_row("mini", "fp32", [pairs[0], ({"tokens_per_s": 100.0}, {"tokens_per_s": 110.0})], 1.3)
+    assert abs(slower["ratio"] - 1.25) < 1e-9 and slower["met"] is False
+
+
+def test_a_second_result_of_the_day_keeps_the_first(tmp_path):
+    from bench.__main__ import unused_path
+
+    first = tmp_path / "2026-12-04-vm-avx2.json"
+    assert unused_path(first) == first
+    first.write_text("{}")
+    assert unused_path(first).name == "2026-12-04-vm-avx2-2.json"
+    (tmp_path / "2026-12-04-vm-avx2-2.json").write_text("{}")
+    assert unused_path(first).name == "2026-12-04-vm-avx2-3.json"
