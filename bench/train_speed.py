@@ -30,8 +30,13 @@ def matmul_peaks(threads: int, fast_bf16: bool = True) -> dict[str, float]:
     1152), where AMX runs faster than on the squares. Without bf16
     instructions one bf16 timing of a smaller square says how slow the
     emulation is (a 2048^2 product takes many seconds there)."""
+    torch.set_num_threads(1)
+    one_thread = measure_cpu_peak_flops("fp32", size=2048, seconds=0.5, trials=6)
     torch.set_num_threads(threads)
     peaks = {"fp32": measure_cpu_peak_flops("fp32", size=2048, seconds=0.5, trials=10),
+             # How the cores add up: two vCPUs gave 1.9-2x one on a quiet
+             # VM, 1.2-1.4x on a busy host.
+             "fp32_1thread": one_thread,
              "fp32_qkv_shape": measure_cpu_peak_flops("fp32", shape=(BATCH * BLOCK, 384, 1152), seconds=0.5, trials=6)}
     if fast_bf16:
         peaks["bf16"] = measure_cpu_peak_flops("bf16", size=2048, seconds=0.5, trials=10)

@@ -20,8 +20,9 @@ def test_paired_row_is_the_mean_of_the_pairs_ratios():
     assert abs(result["ratio"] - 1.4) < 1e-9
     assert result["met"] is True
     assert "1.40x, 1.40x" in result["note"]
-    slower = paired_row("mini", "fp32", [pairs[0], ({"tokens_per_s": 100.0}, {"tokens_per_s": 110.0})], 1.3)
-    assert abs(slower["ratio"] - 1.25) < 1e-9 and slower["met"] is False
+    slower = paired_row("mini", "fp32", [({"tokens_per_s": 200.0}, {"tokens_per_s": 260.0}),
+                                         ({"tokens_per_s": 100.0}, {"tokens_per_s": 110.0})], 1.4)
+    assert abs(slower["ratio"] - 1.2) < 1e-9 and slower["met"] is False
 
 
 def test_a_second_result_of_the_day_keeps_the_first(tmp_path):
@@ -33,3 +34,29 @@ def test_a_second_result_of_the_day_keeps_the_first(tmp_path):
     assert unused_path(first).name == "2026-12-04-vm-avx2-2.json"
     (tmp_path / "2026-12-04-vm-avx2-2.json").write_text("{}")
     assert unused_path(first).name == "2026-12-04-vm-avx2-3.json"
+
+
+def test_pairs_on_both_sides_of_the_target_are_unsettled():
+    from bench.__main__ import UNSETTLED, markdown
+
+    pairs = [({"tokens_per_s": 100.0}, {"tokens_per_s": 140.0}),
+             ({"tokens_per_s": 100.0}, {"tokens_per_s": 110.0})]
+    result = paired_row("mini", "fp32", pairs, 1.3)
+    assert result["met"] == UNSETTLED
+    assert "| unsettled |" in markdown([result])
+    assert "| NO |" in markdown([row("x", 1.0, 1.0, 1.3)])
+
+
+def test_cpu_identity_names_the_processor_behind_the_model_name(tmp_path):
+    from bench.__main__ import cpu_identity
+
+    cpuinfo = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\n"
+               "model name\t: AMD EPYC\nstepping\t: 2\ncpu MHz\t\t: 1996.2\nflags\t\t: fpu avx2 hypervisor\n"
+               "bogomips\t: 3992.49\n\nprocessor\t: 1\nvendor_id\t: AuthenticAMD\n")
+    (tmp_path / "index3").mkdir()
+    for name, text in (("level", "3"), ("type", "Unified"), ("size", "8192K")):
+        (tmp_path / "index3" / name).write_text(text + "\n")
+    identity = cpu_identity(cpuinfo, tmp_path)
+    assert identity["vendor"] == "AuthenticAMD" and identity["family"] == "23" and identity["model"] == "1"
+    assert identity["stepping"] == "2" and identity["hypervisor"] is True
+    assert identity["L3_unified"] == "8192K"
