@@ -148,6 +148,7 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
         # minutes before the runs it is compared with moves the ratio more
         # than most changes to the step. The baseline is the mean of both.
         plain_after = train_speed.plain_loop_in_child(name, steps, 2)
+        turns = train_speed.alternating_steps(name, rounds=4 if quick else 8)
         fp32 = runs["fp32"]
         before, after = plain["tokens_per_s"], plain_after["tokens_per_s"]
         base = (before + after) / 2
@@ -185,6 +186,7 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
                 f"{name}: gptdist train default settings (precision auto: {probe.precision}) vs plain fp32 loop",
                 default["tokens_per_s"], base, target, "tok/s",
                 "target 2.0x where bf16 is the faster precision, 1.3x where fp32 is"))
+        rows.append(turns_row(name, turns))
         if "direct" in runs:
             rows.append(row(f"{name}: Ray Data ingest vs direct shard reads, gptdist fp32", fp32["tokens_per_s"],
                             runs["direct"]["tokens_per_s"], 0.98, "tok/s",
@@ -199,7 +201,7 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
             row(f"{name}: peak RSS, gptdist train driver", fp32["driver_peak_rss_mb"], unit="MB",
                 note="the bench process: it also started Ray and prepared the data"),
         ]
-        raw[name] = {"plain_fp32": plain, "plain_fp32_after": plain_after, "plain_bf16": plain_bf16,
+        raw[name] = {"plain_fp32": plain, "plain_fp32_after": plain_after, "plain_bf16": plain_bf16, "turns": turns,
                      **{f"gptdist_{k}": v for k, v in runs.items()}}
     # The peak again after the training runs: if the machine itself sped up
     # or slowed down meanwhile, the ratios above compare unlike moments.
@@ -232,6 +234,18 @@ def paired_row(name: str, precision: str, pairs: list[tuple[dict, dict]], target
 
 
 UNSETTLED = "unsettled"
+
+
+def turns_row(name: str, turns: dict) -> dict:
+    """gptdist's fp32 step against the plain loop's, taking turns step by
+    step without Ray (`train_speed.alternating_steps`): the step's own gain,
+    which a drifting machine moves far less than whole runs minutes apart."""
+    ratios = turns["ratios"]
+    value = turns["gptdist_tokens_per_s"]
+    return row(f"{name}: gptdist's fp32 step vs the plain loop's, taking turns step by step, no Ray", value,
+               value / turns["ratio"], unit="tok/s",
+               note=f"median of {len(ratios)} rounds' ratios ({min(ratios):.2f}-{max(ratios):.2f}x); plain step "
+                    f"{turns['plain_tokens_per_s']:,.0f} tok/s; what Ray adds: python -m bench.ray_cost")
 
 
 def measure_first_step_cold(tmp: Path) -> dict:

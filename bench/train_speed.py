@@ -17,6 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from gptdist.config import load_config
+from gptdist.driver import WORKER_MALLOC_ENV
 from gptdist.metrics import measure_cpu_peak_flops
 from gptdist.model import GPT, compile_gpt, preset
 from gptdist.train_step import build_optimizer, optimizer_step
@@ -84,6 +85,95 @@ def plain_loop_in_child(*args, **kwargs) -> dict:
     spawn = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
         return pool.submit(plain_loop, *args, **kwargs).result()
+
+
+def step_server(conn, kind: str, preset_name: str, batches: int, threads: int) -> None:
+    """A child process holding one step, `plain` (the plain loop's) or
+    `gptdist` (the workers': chunked loss, fused AdamW), that answers
+    "ready" once built, then times one step for each request until sent
+    False."""
+    torch.set_num_threads(threads)
+    if kind == "plain":
+        torch.manual_seed(0)
+        cfg = load_config(overrides=[f"model.preset={preset_name}"])
+        model = GPT(preset(preset_name, block_size=BLOCK))
+        optimizer = build_optimizer(model, cfg, torch.device("cpu"), fused=False)
+        data = torch.randint(0, 50257, (batches, BATCH, BLOCK + 1))
+        step = lambda i: optimizer_step(model, optimizer, None, [data[i]], 1, "fp32", torch.device("cpu"), 1.0,
+                                        is_ddp=False)
+    else:
+        from bench.cpu_profile import worker_step  # it imports this module
+
+        _, step = worker_step(preset_name, "fp32", batches)
+    conn.send("ready")
+    i = 0
+    while conn.recv():
+        start = time.perf_counter()
+        step(i % batches)
+        conn.send(time.perf_counter() - start)
+        i += 1
+
+
+def alternating_steps(preset_name: str, rounds: int, warmup: int = 1) -> dict:
+    """The plain loop's fp32 step against gptdist's, each in a process of its
+    own (gptdist's with the workers' malloc settings), no Ray, taking turns
+    one step at a time, the order swapped each round. Neighbouring steps see
+    the same machine, so their ratio holds while a shared VM's speed drifts:
+    one VM's pairs of whole runs, minutes apart, read 0.73x and 0.94x while
+    the workers' own MFU, against peaks probed beside them, read 80% and 78%.
+    What Ray adds around the step is `bench.ray_cost`'s measurement."""
+    spawn = multiprocessing.get_context("spawn")
+    threads = os.cpu_count() or 1
+    servers = {}
+    for kind in ("plain", "gptdist"):
+        parent, child = spawn.Pipe()
+        saved = dict(os.environ)
+        # glibc reads its malloc settings when the process starts.
+        os.environ.update(WORKER_MALLOC_ENV if kind == "gptdist" else {})
+        try:
+            process = spawn.Process(target=step_server, args=(child, kind, preset_name, warmup + rounds, threads),
+                                    daemon=True)
+            process.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        servers[kind] = (parent, process)
+    try:
+        for parent, _ in servers.values():
+            if parent.recv() != "ready":
+                raise RuntimeError("a step process failed to start")
+
+        def timed(kind: str) -> float:
+            servers[kind][0].send(True)
+            return servers[kind][0].recv()
+
+        for _ in range(warmup):
+            timed("plain"), timed("gptdist")
+        times: dict[str, list[float]] = {"plain": [], "gptdist": []}
+        for r in range(rounds):
+            for kind in (("plain", "gptdist") if r % 2 == 0 else ("gptdist", "plain")):
+                times[kind].append(timed(kind))
+    finally:
+        for parent, process in servers.values():
+            try:
+                parent.send(False)
+            except OSError:
+                pass
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    return turns_summary(times)
+
+
+def turns_summary(times: dict[str, list[float]]) -> dict:
+    """Step times of the two processes, round by round, as speeds and the
+    median of each round's ratio (plain step time over gptdist's)."""
+    ratios = [p / g for p, g in zip(times["plain"], times["gptdist"])]
+    return {
+        "plain_tokens_per_s": BATCH * BLOCK / statistics.median(times["plain"]),
+        "gptdist_tokens_per_s": BATCH * BLOCK / statistics.median(times["gptdist"]),
+        "ratios": ratios, "ratio": statistics.median(ratios), "step_times_s": times,
+    }
 
 
 def gptdist_run(preset_name: str, steps: int, data_path: str, *overrides: str) -> dict:

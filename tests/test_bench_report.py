@@ -60,3 +60,19 @@ def test_cpu_identity_names_the_processor_behind_the_model_name(tmp_path):
     assert identity["vendor"] == "AuthenticAMD" and identity["family"] == "23" and identity["model"] == "1"
     assert identity["stepping"] == "2" and identity["hypervisor"] is True
     assert identity["L3_unified"] == "8192K"
+
+
+def test_steps_taking_turns_give_the_median_of_each_rounds_ratio():
+    from bench.__main__ import turns_row
+    from bench.train_speed import turns_summary
+
+    # The machine slowed 2x after the first round: every round still reads
+    # 1.5x.
+    times = {"plain": [3.0, 6.0, 6.0], "gptdist": [2.0, 4.0, 4.0]}
+    summary = turns_summary(times)
+    assert summary["ratios"] == [1.5, 1.5, 1.5] and summary["ratio"] == 1.5
+    result = turns_row("mini", summary)
+    assert abs(result["ratio"] - 1.5) < 1e-9 and result["met"] is None
+    assert "1.50-1.50x" in result["note"]
+    uneven = turns_summary({"plain": [3.0, 3.0, 3.0], "gptdist": [1.0, 2.0, 3.0]})
+    assert uneven["ratio"] == 1.5 and uneven["ratios"] == [3.0, 1.5, 1.0]
