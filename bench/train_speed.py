@@ -47,31 +47,41 @@ def matmul_peaks(threads: int, fast_bf16: bool = True) -> dict[str, float]:
     return peaks
 
 
-def plain_loop(preset_name: str, steps: int, warmup: int, precision: str = "fp32", compile_model: bool = False,
-               threads: int | None = None) -> dict:
-    """Single process, no Ray, as nanoGPT trains on a CPU: the plain head and
+def plain_step(preset_name: str, batches: int, precision: str = "fp32", compile_model: bool = False):
+    """The model and a function running the plain loop's step on synthetic
+    batch i of `batches`, as nanoGPT trains on a CPU: the plain head and
     F.cross_entropy, AdamW's for-loop kernel (nanoGPT fuses it on CUDA only),
     the same optimizer step."""
-    torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(0)
     cfg = load_config(overrides=[f"model.preset={preset_name}"])
     model = GPT(preset(preset_name, block_size=BLOCK))
-    fpt = model.flops_per_token()
     optimizer = build_optimizer(model, cfg, torch.device("cpu"), fused=False)
     step_model = compile_gpt(model) if compile_model else model
-    data = torch.randint(0, 50257, (warmup + steps, BATCH, BLOCK + 1))
+    data = torch.randint(0, 50257, (batches, BATCH, BLOCK + 1))
+
+    def step(i: int) -> torch.Tensor:
+        loss, _, _ = optimizer_step(step_model, optimizer, None, [data[i]], 1, precision,
+                                    torch.device("cpu"), 1.0, is_ddp=False)
+        return loss
+
+    return model, step
+
+
+def plain_loop(preset_name: str, steps: int, warmup: int, precision: str = "fp32", compile_model: bool = False,
+               threads: int | None = None) -> dict:
+    """`plain_step` timed: single process, no Ray."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    model, step = plain_step(preset_name, warmup + steps, precision, compile_model)
     times, losses = [], []
     compile_start = time.perf_counter()
     for i in range(warmup + steps):
         start = time.perf_counter()
-        loss, _, _ = optimizer_step(step_model, optimizer, None, [data[i]], 1, precision,
-                                    torch.device("cpu"), 1.0, is_ddp=False)
-        losses.append(float(loss))
+        losses.append(float(step(i)))
         times.append(time.perf_counter() - start)
     steady = statistics.median(times[warmup:])
     return {
         "tokens_per_s": BATCH * BLOCK / steady,
-        "flops_per_token": fpt,
+        "flops_per_token": model.flops_per_token(),
         "warmup_s": sum(times[:warmup]) if compile_model else None,
         "total_s": time.perf_counter() - compile_start,
         "losses": losses,
@@ -94,13 +104,7 @@ def step_server(conn, kind: str, preset_name: str, batches: int, threads: int) -
     False."""
     torch.set_num_threads(threads)
     if kind == "plain":
-        torch.manual_seed(0)
-        cfg = load_config(overrides=[f"model.preset={preset_name}"])
-        model = GPT(preset(preset_name, block_size=BLOCK))
-        optimizer = build_optimizer(model, cfg, torch.device("cpu"), fused=False)
-        data = torch.randint(0, 50257, (batches, BATCH, BLOCK + 1))
-        step = lambda i: optimizer_step(model, optimizer, None, [data[i]], 1, "fp32", torch.device("cpu"), 1.0,
-                                        is_ddp=False)
+        _, step = plain_step(preset_name, batches)
     else:
         from bench.cpu_profile import worker_step  # it imports this module
 
