@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench import bench_data, small_commands, train_speed
+from gptdist.attention_probe import MATMUL_MARGIN, AttentionShape, probe_attention
 from gptdist.metrics import measure_cpu_peak_flops
 from gptdist.model import preset
 from gptdist.precision_probe import BF16_MARGIN, model_matmuls, probe_precision
@@ -110,7 +111,18 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     if fast_bf16:
         rows.append(row("matmul bf16, mini's QKV shape (4096x384 . 384x1152)", peaks["bf16_qkv_shape"] / 1e9,
                         peaks["bf16"] / 1e9, unit="GFLOP/s"))
-    raw: dict = {"peaks": peaks, "fast_bf16": fast_bf16, "precision_probe": asdict(probe)}
+    # What `train.attention: auto` would choose for that run, in the precision chosen above, measured afresh.
+    mini = preset("mini", block_size=train_speed.BLOCK)
+    attention = probe_attention(AttentionShape(train_speed.BATCH, mini.n_head, train_speed.BLOCK,
+                                               mini.n_embd // mini.n_head, probe.precision), cache=None)
+    print(attention.summary(), flush=True)
+    layer = f"attention probe: one mini layer fwd+bwd, {probe.precision}"
+    rows += [row(f"{layer}, SDPA", attention.sdpa_s * 1e3, unit="ms"),
+             row(f"{layer}, matmuls", attention.matmul_s * 1e3,
+                 attention.sdpa_s * 1e3, unit="ms",
+                 note=f"attention auto chooses {attention.attention} (matmuls need <= 1/{MATMUL_MARGIN} of SDPA's time)")]
+    raw: dict = {"peaks": peaks, "fast_bf16": fast_bf16, "precision_probe": asdict(probe),
+                 "attention_probe": asdict(attention)}
     data = train_speed.ensure_shakespeare(tmp)
     for name in ["micro", "mini"]:
         steps = timed_steps(quick, name)

@@ -24,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.__main__ import RESULTS, cpu_description, cpu_kind
 from bench.train_speed import BATCH, BLOCK
+from gptdist.attention_probe import AttentionShape, attention_cache_file, probe_attention
 from gptdist.config import load_config
 from gptdist.driver import WORKER_MALLOC_ENV
 from gptdist.model import GPT, preset
@@ -32,7 +33,11 @@ from gptdist.train_step import build_optimizer, optimizer_step
 
 def kind_of(op: str, shapes: list, vocab: int) -> str:
     """The kind of work of one profiled op (self time, so nothing counts twice)."""
-    if op in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"):
+    lists = [s for s in shapes if isinstance(s, list)]
+    if op in ("aten::bmm", "aten::baddbmm", "aten::_softmax", "aten::_softmax_backward_data") and not any(
+            vocab in s for s in lists):
+        return "attention (matmul path)"  # model.matmul_attention's products and softmax
+    if op in ("aten::mm", "aten::addmm", "aten::addmm_"):
         return "LM head matmuls" if any(vocab in s for s in shapes if isinstance(s, list)) else "block matmuls"
     if "scaled_dot_product" in op:
         return "attention (SDPA)"
@@ -51,10 +56,14 @@ def kind_of(op: str, shapes: list, vocab: int) -> str:
 
 def worker_step(preset_name: str, precision: str, batches: int) -> tuple[GPT, Callable[[int], None]]:
     """The model and a function running the workers' CPU step (chunked loss,
-    fused AdamW) on synthetic batch i of `batches`."""
+    fused AdamW, the attention `train.attention: auto` picks) on synthetic
+    batch i of `batches`."""
     torch.manual_seed(0)
     cfg = load_config(overrides=[f"model.preset={preset_name}"])
-    model = GPT(preset(preset_name, block_size=BLOCK), chunked_loss=True)
+    config = preset(preset_name, block_size=BLOCK)
+    # The attention `auto` trains with here (the probe's cached choice, else measured).
+    shape = AttentionShape(BATCH, config.n_head, BLOCK, config.n_embd // config.n_head, precision)
+    model = GPT(config, chunked_loss=True, attention=probe_attention(shape, attention_cache_file()).attention)
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     data = torch.randint(0, 50257, (batches, BATCH, BLOCK + 1))
 

@@ -113,6 +113,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     chunked_loss: bool | None = None  # None: on for CPU workers, off on GPUs
+    # "auto": on a CPU the faster of the two at the run's shape and precision
+    # (gptdist.attention_probe, cached per machine); SDPA on GPUs.
+    attention: Literal["auto", "sdpa", "matmul"] = "auto"
     eval_interval: int = 20
     eval_batches: int = 8
     log_interval: int = 10

@@ -13,6 +13,9 @@ and are not checked here):
                 4 bytes per (row, position, channel) per layer
     loss        the LM head's logits and their gradient: a chunk of rows at
                 a time with the chunked loss, the whole micro batch without
+    attention   with the matmul attention (`train.attention` not `sdpa`), the
+                T x T probabilities each layer keeps for backward, in bf16,
+                and a layer's scores and their gradient in fp32 at most
 
 The constants were fitted to the peak RSS of Ray Train workers measured by
 the benchmark (`micro` 1.1-1.2 GB and `mini` 1.9-2.3 GB at 8x512 rows); they
@@ -62,26 +65,31 @@ class WorkerMemory:
     model: int
     activations: int
     loss: int
+    attention: int = 0
 
     @property
     def total(self) -> int:
-        return self.process + self.model + self.activations + self.loss
+        return self.process + self.model + self.activations + self.loss + self.attention
 
     def describe(self) -> str:
         parts = {"process": self.process, "weights + AdamW": self.model,
                  "activations": self.activations, "loss workspace": self.loss}
+        if self.attention:
+            parts["attention scores"] = self.attention
         return ", ".join(f"{k} {v / GiB:.1f}" for k, v in parts.items())
 
 
 def worker_memory(model: GPTConfig, num_params: int, micro_batch: int, chunked_loss: bool,
-                  ddp: bool) -> WorkerMemory:
+                  ddp: bool, matmul_attention: bool = False) -> WorkerMemory:
     rows = micro_batch * model.block_size
     loss_rows = min(rows, CHUNK_ROWS) if chunked_loss else rows
+    scores = micro_batch * model.n_head * model.block_size ** 2  # one layer's T x T, all heads
     return WorkerMemory(
         process=PROCESS_BYTES,
         model=num_params * (16 + (4 if ddp else 0)),
         activations=ACTIVATION_VALUES_PER_CHANNEL * 4 * model.n_layer * rows * model.n_embd,
         loss=LOSS_COPIES * 4 * loss_rows * model.vocab_size,
+        attention=(2 * model.n_layer + 2 * 4) * scores if matmul_attention else 0,
     )
 
 

@@ -198,9 +198,10 @@ def best_seconds_per_call(runners: dict[str, Callable[[int], None]], budget_s: f
 # --- the cache -----------------------------------------------------------------
 
 
-def cache_file() -> Path:
+def cache_file(name: str = CACHE_FILE_NAME) -> Path:
+    """A probe's cache file (this one's, or gptdist.attention_probe's)."""
     root = os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "gptdist"
-    return Path(root) / CACHE_FILE_NAME
+    return Path(root) / name
 
 
 def cache_key(matmuls: list[Matmul]) -> str:
@@ -246,7 +247,7 @@ def write_cache(path: Path, entries: dict) -> None:
         os.chmod(f.name, 0o644)  # a temporary file is private; the cache need not be
         os.replace(f.name, path)
     except OSError as e:
-        sys.stderr.write(f"gptdist: could not write the precision probe's cache {path}: {e}\n")
+        sys.stderr.write(f"gptdist: could not write the probe cache {path}: {e}\n")
 
 
 def probe_precision(matmuls: list[Matmul], cache: Path | None,

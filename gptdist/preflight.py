@@ -84,7 +84,8 @@ def estimate_worker_memory(cfg: Config, micro_batch: int | None = None) -> memor
     gpt = cfg.model.to_gpt_config()
     return memory_estimate.worker_memory(gpt, analytic_num_params(gpt), micro_batch or cfg.train.micro_batch_size,
                                          chunked_loss=cfg.train.chunked_loss is not False,
-                                         ddp=cfg.ray.num_workers > 1)
+                                         ddp=cfg.ray.num_workers > 1,
+                                         matmul_attention=cfg.train.attention != "sdpa")
 
 
 # GPU memory is not known to the driver: auto stops at this micro batch there.

@@ -46,10 +46,11 @@ from gptdist.checkpoint_source import latest_ray_checkpoint
 from gptdist.config import Config, config_from_dict, gradient_accumulation_steps
 from gptdist.metrics_window import MetricsWindow, all_reduce_mean, print_line, report_line
 from gptdist.model import GPT, compile_gpt
+from gptdist.attention_probe import AttentionProbe, AttentionShape, attention_cache_file, probe_attention
 from gptdist.precision_probe import ProbeResult, cache_file, model_matmuls, probe_precision
 from gptdist.tokenizer import EOT_TOKEN, decode, encode
-from gptdist.train_step import (autocast_context, build_optimizer, learning_rate, optimizer_step, resolve_chunked_loss,
-                                resolve_precision)
+from gptdist.train_step import (autocast_context, build_optimizer, learning_rate, optimizer_step, resolve_attention,
+                                resolve_chunked_loss, resolve_precision)
 from gptdist.worker_contract import StepReport, WorkerSpec
 
 
@@ -159,13 +160,26 @@ def set_cpu_threads(cfg: Config) -> int:
 
 def probe_cpu_precision(cfg: Config, rank: int, world: int, chunked_loss: bool) -> ProbeResult:
     """`precision: auto` on CPU workers: rank 0 times fp32 against bf16 on
-    this model's matmuls, or reads its machine's cached figures, while the
-    other ranks wait at the broadcast (leaving it the cores); every rank
+    this model's matmuls, or reads its machine's cached figures; every rank
     trains in its choice."""
-    result: list[ProbeResult | None] = [None]
-    if rank == 0:
-        matmuls = model_matmuls(cfg.model.to_gpt_config(), cfg.train.micro_batch_size, chunked_loss)
-        result[0] = probe_precision(matmuls, cache_file())
+    matmuls = model_matmuls(cfg.model.to_gpt_config(), cfg.train.micro_batch_size, chunked_loss)
+    return measured_on_rank0(lambda: probe_precision(matmuls, cache_file()), rank, world)
+
+
+def probe_cpu_attention(cfg: Config, rank: int, world: int, precision: str) -> AttentionProbe:
+    """`attention: auto` on CPU workers: rank 0 times SDPA against the
+    matmuls on one layer at this run's shape and precision, or reads its
+    machine's cached timings; every rank trains with its choice."""
+    gpt = cfg.model.to_gpt_config()
+    shape = AttentionShape(cfg.train.micro_batch_size, gpt.n_head, gpt.block_size, gpt.n_embd // gpt.n_head,
+                           "bf16" if precision == "bf16" else "fp32")
+    return measured_on_rank0(lambda: probe_attention(shape, attention_cache_file()), rank, world)
+
+
+def measured_on_rank0(measure, rank: int, world: int):
+    """`measure()` on rank 0, its result broadcast to every rank; the other
+    ranks wait at the broadcast, leaving rank 0 the cores."""
+    result = [measure() if rank == 0 else None]
     if world > 1 and dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(result, src=0)
     return result[0]
@@ -302,9 +316,10 @@ def gather_param_digests(model: torch.nn.Module, world: int) -> list[str]:
 # --- setting up a worker ---------------------------------------------------------
 
 
-def build_state(cfg: Config, device: torch.device, precision: str, chunked_loss: bool) -> TrainState:
+def build_state(cfg: Config, device: torch.device, precision: str, chunked_loss: bool,
+                attention: str = "sdpa") -> TrainState:
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
-    model = GPT(cfg.model.to_gpt_config(), chunked_loss=chunked_loss).to(device)
+    model = GPT(cfg.model.to_gpt_config(), chunked_loss=chunked_loss, attention=attention).to(device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
     return TrainState(model, build_optimizer(model, cfg, device), scaler)
 
@@ -315,14 +330,15 @@ def wrap_model(state: TrainState, cfg: Config) -> None:
         state.wrapped = compile_gpt(state.wrapped)
 
 
-def run_facts(precision: str, device: torch.device, world: int, threads: int, chunked_loss: bool,
-              probe: ProbeResult | None) -> dict[str, str]:
+def run_facts(precision: str, attention: str, device: torch.device, world: int, threads: int, chunked_loss: bool,
+              probe: ProbeResult | None, attention_probe: AttentionProbe | None) -> dict[str, str]:
     """What only a worker knows about the run (MLflow tags `gptdist.<name>`)."""
-    return {"precision": precision, "device": str(device), "world_size": str(world), "cpu_threads": str(threads),
+    return {"precision": precision, "attention": attention, "device": str(device), "world_size": str(world),
+            "cpu_threads": str(threads),
             "chunked_loss": str(chunked_loss).lower(),
             # what this process's malloc was started with (driver.WORKER_MALLOC_ENV)
             "worker_keeps_freed_memory": str(os.environ.get("MALLOC_MMAP_MAX_") == "0").lower(),
-            **(probe.facts() if probe else {})}
+            **(probe.facts() if probe else {}), **(attention_probe.facts() if attention_probe else {})}
 
 
 def stop_if_diverged(state: TrainState, cfg: Config, rank: int, stream, spec: WorkerSpec) -> None:
@@ -353,9 +369,12 @@ def train_worker(spec: WorkerSpec) -> dict:
     chunked_loss = resolve_chunked_loss(cfg.train.chunked_loss, device)
     precision, probe = resolve_precision(cfg.train.precision, device,
                                          lambda: probe_cpu_precision(cfg, rank, world, chunked_loss))
-    if probe and rank == 0:
-        print_line(probe.summary())
-    state = build_state(cfg, device, precision, chunked_loss)
+    attention, attention_probe = resolve_attention(cfg.train.attention, device,
+                                                   lambda: probe_cpu_attention(cfg, rank, world, precision))
+    for result in (probe, attention_probe):
+        if result and rank == 0:
+            print_line(result.summary())
+    state = build_state(cfg, device, precision, chunked_loss, attention)
     restore(state, cfg, spec)
     spec.hooks.attach(state.model)
     wrap_model(state, cfg)
@@ -364,7 +383,7 @@ def train_worker(spec: WorkerSpec) -> dict:
     tokens_per_step = cfg.train.global_batch_size * cfg.model.block_size
     window = MetricsWindow(tokens_per_step=tokens_per_step, flops_per_token=state.model.flops_per_token(),
                            world=world, device=device, precision=precision, configured_peak=cfg.train.cpu_peak_flops)
-    facts = run_facts(precision, device, world, threads, state.model.chunked_loss, probe)
+    facts = run_facts(precision, attention, device, world, threads, state.model.chunked_loss, probe, attention_probe)
     schedule, last_val = Schedule.from_config(cfg), float("nan")
 
     while state.step < cfg.train.max_steps:

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from gptdist.attention_probe import AttentionProbe
 from gptdist.config import Config
 from gptdist.precision_probe import ProbeResult
 
@@ -31,6 +32,20 @@ def resolve_precision(requested: str, device: torch.device,
         return "fp32", None
     result = probe_cpu()
     return result.precision, result
+
+
+def resolve_attention(requested: str, device: torch.device,
+                      probe_cpu: Callable[[], AttentionProbe] | None = None) -> tuple[str, AttentionProbe | None]:
+    """(the attention to train with, the CPU probe's result when it decided).
+    `auto`: SDPA's fused kernels on GPUs; on a CPU what `probe_cpu` measured
+    faster (gptdist.attention_probe), SDPA without a probe. A requested kind
+    is used as it is."""
+    if requested != "auto":
+        return requested, None
+    if device.type == "cuda" or probe_cpu is None:
+        return "sdpa", None
+    result = probe_cpu()
+    return result.attention, result
 
 
 def resolve_chunked_loss(requested: bool | None, device: torch.device) -> bool:

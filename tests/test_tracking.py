@@ -17,6 +17,7 @@ from data_pipeline.reader import first_row_tokens
 from gptdist.run_data import DatasetInfo, log_dataset_input
 from gptdist.runs import format_table, run_rows
 from gptdist.tokenizer import decode
+from gptdist.attention_probe import choose_attention
 from gptdist.precision_probe import CACHE_DIR_ENV, choose_precision
 from gptdist.tracking import TrackingUnavailableError, open_tracking
 from gptdist.driver import train_main
@@ -105,6 +106,20 @@ def test_auto_run_tags_its_precision_and_the_probe_figures(server_run, mlflow_se
     assert entry["fp32_flops"] / 1e9 == pytest.approx(fp32, abs=0.1)
     assert entry["bf16_flops"] / 1e9 == pytest.approx(bf16, abs=0.1)
     assert entry["threads"] == max(1, (os.cpu_count() or 1) // 2)  # rank 0 measured with its own thread count
+
+
+def test_auto_run_tags_its_attention_and_the_probe_timings(server_run, mlflow_server, probe_cache_dir):
+    tags = MlflowClient(mlflow_server).get_run(server_run["mlflow_run_id"]).data.tags
+    sdpa_ms = float(tags["gptdist.attention_probe.sdpa_ms"])
+    matmul_ms = float(tags["gptdist.attention_probe.matmul_ms"])
+    assert sdpa_ms > 0 and matmul_ms > 0
+    assert tags["gptdist.attention"] == choose_attention(sdpa_ms / 1e3, matmul_ms / 1e3)
+    assert tags["gptdist.attention_probe.cached"] == "false"
+    (entry,) = json.loads((probe_cache_dir / "attention-probe.json").read_text()).values()
+    assert entry["sdpa_s"] * 1e3 == pytest.approx(sdpa_ms, abs=0.01)
+    # measured at the run's shape (nano, 4 sequences a worker) in the precision it chose
+    assert entry["attention"] == {"batch": 4, "heads": 2, "positions": BLOCK, "head_dim": 32,
+                                  "precision": "bf16" if tags["gptdist.precision"] == "bf16" else "fp32"}
 
 
 def test_resumed_run_appends_to_the_same_mlflow_run(tmp_path, tiny_dataset, mlflow_server):
