@@ -111,10 +111,12 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     if fast_bf16:
         rows.append(row("matmul bf16, mini's QKV shape (4096x384 . 384x1152)", peaks["bf16_qkv_shape"] / 1e9,
                         peaks["bf16"] / 1e9, unit="GFLOP/s"))
-    # What `train.attention: auto` would choose for that run, in the precision chosen above, measured afresh.
+    # What `train.attention: auto` would choose for that run, in the precision chosen above, measured
+    # afresh in a process started as a worker is.
     mini = preset("mini", block_size=train_speed.BLOCK)
-    attention = probe_attention(AttentionShape(train_speed.BATCH, mini.n_head, train_speed.BLOCK,
-                                               mini.n_embd // mini.n_head, probe.precision), cache=None)
+    shape = AttentionShape(train_speed.BATCH, mini.n_head, train_speed.BLOCK, mini.n_embd // mini.n_head,
+                           probe.precision)
+    attention = train_speed.in_child(probe_attention, shape, None, worker_malloc=True)
     print(attention.summary(), flush=True)
     layer = f"attention probe: one mini layer fwd+bwd, {probe.precision}"
     rows += [row(f"{layer}, SDPA", attention.sdpa_s * 1e3, unit="ms"),

@@ -92,9 +92,24 @@ def plain_loop(preset_name: str, steps: int, warmup: int, precision: str = "fp32
 def plain_loop_in_child(*args, **kwargs) -> dict:
     """`plain_loop` in a fresh process: its full-logits step peaks at about
     4 GB, which would otherwise count as the driver's peak RSS below."""
+    return in_child(plain_loop, *args, **kwargs)
+
+
+def in_child(fn, *args, worker_malloc: bool = False, **kwargs):
+    """`fn(*args, **kwargs)` in a fresh spawned process; with `worker_malloc`
+    the process starts with the training workers' malloc settings (glibc
+    reads them at start): without them a step that allocates large temporaries
+    each call, such as the matmul attention's T x T scores, page-faults them
+    anew and reads up to 2x slower than in a worker."""
     spawn = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-        return pool.submit(plain_loop, *args, **kwargs).result()
+    saved = dict(os.environ)
+    os.environ.update(WORKER_MALLOC_ENV if worker_malloc else {})
+    try:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            return pool.submit(fn, *args, **kwargs).result()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def step_server(conn, kind: str, preset_name: str, batches: int, threads: int) -> None:
