@@ -22,7 +22,7 @@ from datetime import datetime
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.__main__ import RESULTS, cpu_description, cpu_kind
+from bench.__main__ import RESULTS, cpu_description, cpu_kind, unused_path
 from bench.train_speed import BATCH, BLOCK
 from gptdist.attention_probe import AttentionShape, attention_cache_file, probe_attention
 from gptdist.config import load_config
@@ -90,7 +90,8 @@ def profile_step(preset_name: str, precision: str, steps: int = 4) -> dict:
     total = sum(kinds.values())
     step_s = statistics.median(times)
     return {
-        "preset": preset_name, "precision": precision, "batch": [BATCH, BLOCK],
+        "preset": preset_name, "precision": precision, "attention": model.transformer.h[0].attn.attention,
+        "batch": [BATCH, BLOCK],
         "threads": torch.get_num_threads(),
         "step_s": step_s, "tokens_per_s": BATCH * BLOCK / step_s,
         "model_flops_per_s": BATCH * BLOCK / step_s * model.flops_per_token(),
@@ -109,7 +110,8 @@ def main() -> None:
               "cpu": cpu_description(), "torch": torch.__version__,
               "worker_malloc_settings": all(os.environ.get(k) == v for k, v in WORKER_MALLOC_ENV.items()),
               **result}
-    out = RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{cpu_kind()}-{args.preset}-{args.precision}-profile.json"
+    out = unused_path(RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{cpu_kind()}-{args.preset}-"
+                                f"{args.precision}-profile.json")
     out.write_text(json.dumps(report, indent=2))
     print(f"{args.preset} {args.precision}: {result['step_s']:.2f} s/step, {result['tokens_per_s']:,.0f} tok/s, "
           f"{result['model_flops_per_s'] / 1e9:.0f} GFLOP/s")

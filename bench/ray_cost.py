@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench.__main__ import RESULTS, cpu_description, cpu_kind
+from bench.__main__ import RESULTS, cpu_description, cpu_kind, unused_path
 from bench.cpu_profile import worker_step
 from bench.train_speed import BATCH, BLOCK
 from gptdist.config import load_config
@@ -136,7 +136,7 @@ def main() -> None:
               "cpu": cpu_description(), "cores": os.cpu_count(), "torch": torch.__version__,
               "preset": args.preset, "precision": args.precision, "batch": [BATCH, BLOCK],
               "steps_per_case": args.steps, "rounds": args.rounds, "summary": summary, "runs": runs}
-    out = RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{cpu_kind()}-ray-cost.json"
+    out = unused_path(RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{cpu_kind()}-ray-cost.json")
     out.write_text(json.dumps(report, indent=2))
     print(f"{args.preset} {args.precision}, batch {BATCH} x {BLOCK}, {args.rounds} rounds of {args.steps} steps\n")
     print("| where the step runs | s/step (each round) | against its own process | other processes' cores |")

@@ -14,8 +14,10 @@ and are not checked here):
     loss        the LM head's logits and their gradient: a chunk of rows at
                 a time with the chunked loss, the whole micro batch without
     attention   with the matmul attention (`train.attention` not `sdpa`), the
-                T x T probabilities each layer keeps for backward, in bf16,
-                and a layer's scores and their gradient in fp32 at most
+                T x T probabilities each layer keeps for backward, 4 bytes
+                each, doubled for the temporaries of the same size that the
+                worker's malloc keeps once freed (measured: `mini` fp32 at
+                8x512 rows peaked 577 MB above SDPA; this counts 604)
 
 The constants were fitted to the peak RSS of Ray Train workers measured by
 the benchmark (`micro` 1.1-1.2 GB and `mini` 1.9-2.3 GB at 8x512 rows); they
@@ -89,7 +91,7 @@ def worker_memory(model: GPTConfig, num_params: int, micro_batch: int, chunked_l
         model=num_params * (16 + (4 if ddp else 0)),
         activations=ACTIVATION_VALUES_PER_CHANNEL * 4 * model.n_layer * rows * model.n_embd,
         loss=LOSS_COPIES * 4 * loss_rows * model.vocab_size,
-        attention=(2 * model.n_layer + 2 * 4) * scores if matmul_attention else 0,
+        attention=2 * 4 * model.n_layer * scores if matmul_attention else 0,
     )
 
 

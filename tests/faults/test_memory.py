@@ -20,10 +20,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_the_estimate_matches_measured_workers():
     """bench/results: Ray Train workers peaked at 1.1-1.2 GB (`micro`) and
-    1.9-2.3 GB (`mini`) at 8x512 rows with the chunked loss."""
-    micro = estimate_worker_memory(load_config(overrides=["model.preset=micro"]), micro_batch=8).total / GiB
-    mini = estimate_worker_memory(load_config(overrides=["model.preset=mini"]), micro_batch=8).total / GiB
+    1.9-2.3 GB (`mini`) at 8x512 rows with the chunked loss and SDPA, and
+    `mini` at 2.7 GB with the matmul attention in fp32."""
+    sdpa = "train.attention=sdpa"
+    micro = estimate_worker_memory(load_config(overrides=["model.preset=micro", sdpa]), micro_batch=8).total / GiB
+    mini = estimate_worker_memory(load_config(overrides=["model.preset=mini", sdpa]), micro_batch=8).total / GiB
     assert 1.0 < micro < 1.6 and 1.8 < mini < 2.8
+    # `auto` may choose the matmul attention: its T x T probabilities are counted.
+    auto = estimate_worker_memory(load_config(overrides=["model.preset=mini"]), micro_batch=8)
+    assert 2.7 < auto.total / GiB < 3.3 and auto.attention > 0.5 * GiB
     # Without the chunked loss the 4096 x 50304 logits dominate.
     plain = estimate_worker_memory(load_config(overrides=["model.preset=mini", "train.chunked_loss=false"]), 8)
     assert plain.loss > 2 * GiB
