@@ -13,9 +13,6 @@ precision probe's (gptdist.precision_probe: same folder, same keying).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from gptdist.model import matmul_attention
-from gptdist.precision_probe import best_seconds_per_call, cache_file, machine_identity, read_cache, write_cache
+from gptdist.precision_probe import best_seconds_per_call, cache_file, cached_pair
 
 CACHE_FILE_NAME = "attention-probe.json"
 
@@ -95,30 +92,13 @@ def measure_attention(shape: AttentionShape, seconds: float = 1.0, trials: int =
     return best["sdpa"], best["matmul"]
 
 
-def cache_key(shape: AttentionShape) -> str:
-    identity = {**machine_identity(), "attention": asdict(shape)}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def probe_attention(shape: AttentionShape, cache: Path | None,
                     measure: Callable[[AttentionShape], tuple[float, float]] = measure_attention) -> AttentionProbe:
     """SDPA against the matmuls at `shape`, from `cache` when it holds this
     machine's timings for it, else measured (and stored there).
     `cache=None` always measures and stores nothing."""
-    key = cache_key(shape)
-    entries = read_cache(cache) if cache else {}
-    entry = entries.get(key)
-    try:
-        sdpa_s, matmul_s = float(entry["sdpa_s"]), float(entry["matmul_s"])
-        cached = sdpa_s > 0 and matmul_s > 0
-    except (TypeError, KeyError, ValueError):
-        cached = False
-    if not cached:
-        sdpa_s, matmul_s = measure(shape)
-        if cache:
-            entries[key] = {**machine_identity(), "attention": asdict(shape), "sdpa_s": sdpa_s,
-                            "matmul_s": matmul_s, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            write_cache(cache, entries)
+    sdpa_s, matmul_s, cached = cached_pair(cache, {"attention": asdict(shape)}, ("sdpa_s", "matmul_s"),
+                                           lambda: measure(shape))
     return AttentionProbe(choose_attention(sdpa_s, matmul_s), sdpa_s, matmul_s, cached)
 
 

@@ -204,9 +204,10 @@ def cache_file(name: str = CACHE_FILE_NAME) -> Path:
     return Path(root) / name
 
 
-def cache_key(matmuls: list[Matmul]) -> str:
-    """What the figures depend on, hashed; the readable parts are stored beside."""
-    identity = {**machine_identity(), "shapes": [asdict(m) for m in matmuls]}
+def cache_key(inputs: dict) -> str:
+    """This machine's identity and a probe's `inputs`, hashed: what its
+    figures depend on (the readable parts are stored beside)."""
+    identity = {**machine_identity(), **inputs}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -250,24 +251,35 @@ def write_cache(path: Path, entries: dict) -> None:
         sys.stderr.write(f"gptdist: could not write the probe cache {path}: {e}\n")
 
 
+def cached_pair(cache: Path | None, inputs: dict, names: tuple[str, str],
+                measure: Callable[[], tuple[float, float]], record: dict | None = None) -> tuple[float, float, bool]:
+    """A probe's two figures (`names`, both positive) for `inputs` on this
+    machine: from `cache` when it holds them, else `measure()`d and stored
+    there with `record` (default: `inputs`) beside them; and whether they
+    came from the cache. `cache=None` always measures and stores nothing."""
+    key = cache_key(inputs)
+    entries = read_cache(cache) if cache else {}
+    entry = entries.get(key)
+    try:
+        first, second = float(entry[names[0]]), float(entry[names[1]])
+        if first > 0 and second > 0:
+            return first, second, True
+    except (TypeError, KeyError, ValueError):
+        pass
+    first, second = measure()
+    if cache:
+        entries[key] = {**machine_identity(), **(inputs if record is None else record), names[0]: first,
+                        names[1]: second, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_cache(cache, entries)
+    return first, second, False
+
+
 def probe_precision(matmuls: list[Matmul], cache: Path | None,
                     measure: Callable[[list[Matmul]], tuple[float, float]] = measure_precisions) -> ProbeResult:
     """fp32 against bf16 autocast on `matmuls`, from `cache` when it holds
     this machine's figures for them, else measured (and stored there).
     `cache=None` always measures and stores nothing."""
-    key = cache_key(matmuls)
-    entries = read_cache(cache) if cache else {}
-    entry = entries.get(key)
-    try:
-        fp32_flops, bf16_flops = float(entry["fp32_flops"]), float(entry["bf16_flops"])
-        cached = fp32_flops > 0 and bf16_flops > 0
-    except (TypeError, KeyError, ValueError):
-        cached = False
-    if not cached:
-        fp32_flops, bf16_flops = measure(matmuls)
-        if cache:
-            entries[key] = {**machine_identity(), "shapes": [[m.rows, m.k, m.n, m.count] for m in matmuls],
-                            "fp32_flops": fp32_flops, "bf16_flops": bf16_flops,
-                            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            write_cache(cache, entries)
+    fp32_flops, bf16_flops, cached = cached_pair(
+        cache, {"shapes": [asdict(m) for m in matmuls]}, ("fp32_flops", "bf16_flops"), lambda: measure(matmuls),
+        record={"shapes": [[m.rows, m.k, m.n, m.count] for m in matmuls]})
     return ProbeResult(choose_precision(fp32_flops, bf16_flops), fp32_flops, bf16_flops, cached)

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from data_pipeline.ingest import DATASET_NAME, RayDataStream
 from data_pipeline.stream import Shard, TrainStream, eval_batches
+from gptdist.attention_probe import AttentionProbe, AttentionShape, attention_cache_file, probe_attention
 from gptdist.checkpoint import (
     META_FILE,
     check_resumable,
@@ -46,7 +47,6 @@ from gptdist.checkpoint_source import latest_ray_checkpoint
 from gptdist.config import Config, config_from_dict, gradient_accumulation_steps
 from gptdist.metrics_window import MetricsWindow, all_reduce_mean, print_line, report_line
 from gptdist.model import GPT, compile_gpt
-from gptdist.attention_probe import AttentionProbe, AttentionShape, attention_cache_file, probe_attention
 from gptdist.precision_probe import ProbeResult, cache_file, model_matmuls, probe_precision
 from gptdist.tokenizer import EOT_TOKEN, decode, encode
 from gptdist.train_step import (autocast_context, build_optimizer, learning_rate, optimizer_step, resolve_attention,

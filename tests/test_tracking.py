@@ -14,10 +14,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from data_pipeline.reader import first_row_tokens
+from gptdist.attention_probe import choose_attention
 from gptdist.run_data import DatasetInfo, log_dataset_input
 from gptdist.runs import format_table, run_rows
 from gptdist.tokenizer import decode
-from gptdist.attention_probe import choose_attention
 from gptdist.precision_probe import CACHE_DIR_ENV, choose_precision
 from gptdist.tracking import TrackingUnavailableError, open_tracking
 from gptdist.driver import train_main
