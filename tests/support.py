@@ -189,3 +189,16 @@ def listening_sockets(pids: set[int]) -> list[tuple[str, int, str]]:
 
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+class FixedMeasure:
+    """Stands in for a probe's measuring function (precision_probe's
+    measure_precisions, attention_probe's measure_attention): returns the
+    pair of figures it was given, whatever it is asked, and counts calls."""
+
+    def __init__(self, first: float, second: float):
+        self.figures, self.calls = (first, second), 0
+
+    def __call__(self, _what) -> tuple[float, float]:
+        self.calls += 1
+        return self.figures

@@ -20,18 +20,9 @@ from gptdist.attention_probe import (
 from gptdist.model import GPT, matmul_attention, preset
 from gptdist.train_step import resolve_attention
 
+from support import FixedMeasure
+
 SHAPE = AttentionShape(batch=2, heads=2, positions=32, head_dim=16, precision="bf16")
-
-
-class FakeMeasure:
-    """Stands in for measure_attention: fixed timings, counted calls."""
-
-    def __init__(self, sdpa_s: float, matmul_s: float):
-        self.timings, self.calls = (sdpa_s, matmul_s), 0
-
-    def __call__(self, shape):
-        self.calls += 1
-        return self.timings
 
 
 def test_matmul_attention_computes_what_sdpa_does():
@@ -79,12 +70,12 @@ def test_matmuls_only_when_faster_by_the_margin():
 
 def test_cached_timings_are_reused_per_shape(tmp_path):
     cache = tmp_path / "attention-probe.json"
-    measure = FakeMeasure(0.08, 0.04)
+    measure = FixedMeasure(0.08, 0.04)
     assert probe_attention(SHAPE, cache, measure) == AttentionProbe("matmul", 0.08, 0.04, cached=False)
     assert probe_attention(SHAPE, cache, measure) == AttentionProbe("matmul", 0.08, 0.04, cached=True)
     assert measure.calls == 1
     fp32 = AttentionShape(2, 2, 32, 16, "fp32")
-    other = probe_attention(fp32, cache, FakeMeasure(0.09, 0.2))
+    other = probe_attention(fp32, cache, FixedMeasure(0.09, 0.2))
     assert other == AttentionProbe("sdpa", 0.09, 0.2, cached=False)
     entries = json.loads(cache.read_text()).values()
     assert sorted(e["attention"]["precision"] for e in entries) == ["bf16", "fp32"]
@@ -93,8 +84,8 @@ def test_cached_timings_are_reused_per_shape(tmp_path):
 def test_corrupt_cache_is_measured_and_rewritten(tmp_path):
     cache = tmp_path / "attention-probe.json"
     cache.write_text("{not json")
-    assert not probe_attention(SHAPE, cache, FakeMeasure(0.08, 0.04)).cached
-    assert probe_attention(SHAPE, cache, FakeMeasure(1, 1)).cached
+    assert not probe_attention(SHAPE, cache, FixedMeasure(0.08, 0.04)).cached
+    assert probe_attention(SHAPE, cache, FixedMeasure(1, 1)).cached
 
 
 def test_forced_attention_wins_and_gpus_use_sdpa():

@@ -20,19 +20,10 @@ from gptdist.precision_probe import (
 )
 from gptdist.train_step import resolve_precision
 
+from support import FixedMeasure
+
 CPU = torch.device("cpu")
 SHAPES = [Matmul(256, 64, 192, 2), Matmul(256, 64, 50304, 1, linear=False)]
-
-
-class FakeMeasure:
-    """Stands in for measure_precisions: fixed figures, counted calls."""
-
-    def __init__(self, fp32_flops: float, bf16_flops: float):
-        self.figures, self.calls = (fp32_flops, bf16_flops), 0
-
-    def __call__(self, matmuls):
-        self.calls += 1
-        return self.figures
 
 
 def test_bf16_only_when_faster_by_the_margin():
@@ -44,13 +35,13 @@ def test_bf16_only_when_faster_by_the_margin():
 
 def test_cached_figures_are_reused(tmp_path):
     cache = tmp_path / "precision-probe.json"
-    measure = FakeMeasure(100e9, 250e9)
+    measure = FixedMeasure(100e9, 250e9)
     first = probe_precision(SHAPES, cache, measure)
     assert first == ProbeResult("bf16", 100e9, 250e9, cached=False)
     second = probe_precision(SHAPES, cache, measure)
     assert second == ProbeResult("bf16", 100e9, 250e9, cached=True)
     assert measure.calls == 1
-    other_shapes = probe_precision(SHAPES[:1], cache, FakeMeasure(100e9, 50e9))
+    other_shapes = probe_precision(SHAPES[:1], cache, FixedMeasure(100e9, 50e9))
     assert other_shapes.precision == "fp32" and not other_shapes.cached
     assert len(json.loads(cache.read_text())) == 2  # one entry per shape set
 
@@ -59,11 +50,11 @@ def test_cached_figures_are_reused(tmp_path):
 def test_corrupt_cache_is_measured_and_rewritten(tmp_path, content):
     cache = tmp_path / "precision-probe.json"
     cache.write_text(content)
-    result = probe_precision(SHAPES, cache, FakeMeasure(200e9, 100e9))
+    result = probe_precision(SHAPES, cache, FixedMeasure(200e9, 100e9))
     assert result == ProbeResult("fp32", 200e9, 100e9, cached=False)
     (entry,) = json.loads(cache.read_text()).values()
     assert (entry["fp32_flops"], entry["bf16_flops"]) == (200e9, 100e9)
-    assert probe_precision(SHAPES, cache, FakeMeasure(1, 1)).cached
+    assert probe_precision(SHAPES, cache, FixedMeasure(1, 1)).cached
 
 
 def test_forced_precision_wins_without_measuring():
