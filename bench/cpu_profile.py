@@ -3,9 +3,10 @@ CPU training step's time goes, by kind of work, in one process (the step
 the Ray Train workers run: chunked loss, fused AdamW; no Ray).
 
 Writes bench/results/<date>-<host>-<cpu kind>-<preset>-<precision>-profile.json
-and prints a table. Start it with the workers' malloc settings
-(gptdist.driver.WORKER_MALLOC_ENV) to see the step as a worker runs it;
-the file records whether they were set."""
+and prints a table. It runs under the workers' malloc settings
+(gptdist.driver.WORKER_MALLOC_ENV), restarting itself with them where they
+are not set, to see the step as a worker runs it (`--system-malloc` keeps
+glibc's defaults); the file records which."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from datetime import datetime
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.__main__ import RESULTS, cpu_description, cpu_kind, unused_path
+from bench.__main__ import RESULTS, cpu_description, cpu_identity, cpu_kind, unused_path
 from bench.train_speed import BATCH, BLOCK
 from gptdist.attention_probe import AttentionShape, attention_cache_file, probe_attention
 from gptdist.config import load_config
@@ -99,16 +101,26 @@ def profile_step(preset_name: str, precision: str, steps: int = 4) -> dict:
     }
 
 
+def worker_malloc_set() -> bool:
+    return all(os.environ.get(k) == v for k, v in WORKER_MALLOC_ENV.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_profile")
     parser.add_argument("--preset", default="mini")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="glibc's default malloc settings instead of the training workers'")
     args = parser.parse_args()
+    if not args.system_malloc and not worker_malloc_set():
+        # glibc reads its malloc settings only when a process starts.
+        os.execve(sys.executable, [sys.executable, "-m", "bench.cpu_profile", *sys.argv[1:]],
+                  {**os.environ, **WORKER_MALLOC_ENV})
     torch.set_num_threads(os.cpu_count() or 1)
     result = profile_step(args.preset, args.precision)
     report = {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-              "cpu": cpu_description(), "torch": torch.__version__,
-              "worker_malloc_settings": all(os.environ.get(k) == v for k, v in WORKER_MALLOC_ENV.items()),
+              "cpu": cpu_description(), "cpu_identity": cpu_identity(), "torch": torch.__version__,
+              "worker_malloc_settings": worker_malloc_set(),
               **result}
     out = unused_path(RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{cpu_kind()}-{args.preset}-"
                                 f"{args.precision}-profile.json")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench.__main__ import RESULTS, cpu_description, cpu_kind, unused_path
+from bench.__main__ import RESULTS, cpu_description, cpu_identity, cpu_kind, unused_path
 from bench.cpu_profile import worker_step
 from bench.train_speed import BATCH, BLOCK
 from gptdist.config import load_config
@@ -133,7 +133,8 @@ def main() -> None:
     summary = {name: {"step_s": [r["step_s"] for r in rs], "others_cores": [r["others_cores"] for r in rs],
                       "slowdown": statistics.mean(r["step_s"] for r in rs) / base} for name, rs in runs.items()}
     report = {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-              "cpu": cpu_description(), "cores": os.cpu_count(), "torch": torch.__version__,
+              "cpu": cpu_description(), "cpu_identity": cpu_identity(), "cores": os.cpu_count(),
+              "torch": torch.__version__,
               "preset": args.preset, "precision": args.precision, "batch": [BATCH, BLOCK],
               "steps_per_case": args.steps, "rounds": args.rounds, "summary": summary, "runs": runs}
     out = unused_path(RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{cpu_kind()}-ray-cost.json")

@@ -76,3 +76,16 @@ def test_steps_taking_turns_give_the_median_of_each_rounds_ratio():
     assert "1.50-1.50x" in result["note"]
     uneven = turns_summary({"plain": [3.0, 3.0, 3.0], "gptdist": [1.0, 2.0, 3.0]})
     assert uneven["ratio"] == 1.5 and uneven["ratios"] == [3.0, 1.5, 1.0]
+
+
+def test_cpu_kind_names_the_vendor_and_the_matmul_instructions():
+    from bench.__main__ import cpu_kind
+
+    def cpuinfo(vendor: str, flags: str) -> str:
+        return f"processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu {flags}\n\nprocessor\t: 1\n"
+
+    assert cpu_kind(cpuinfo("AuthenticAMD", "avx2 avx512f avx512_bf16")) == "amd-avx512bf16"
+    assert cpu_kind(cpuinfo("GenuineIntel", "avx2 avx512f avx512_bf16")) == "intel-avx512bf16"
+    assert cpu_kind(cpuinfo("GenuineIntel", "avx2 avx512f avx512_bf16 amx_bf16 amx_tile")) == "intel-amx"
+    assert cpu_kind(cpuinfo("AuthenticAMD", "sse4_2 avx2 fma")) == "amd-avx2"
+    assert cpu_kind(cpuinfo("SomeVendor", "sse4_2")) == "other"
