@@ -27,7 +27,9 @@ class MetricsWindow:
     """Steps since the last report. `add` each step's loss (a device
     tensor: one host sync per report, not per step); `close` at a report.
     Every rank calls `close` and `first_step_line` (they average the loss
-    over ranks)."""
+    over ranks). Evaluation, samples and checkpoint writing are not steps:
+    `exclude` leaves their time out of step time, tokens/s and MFU (else the
+    window after each eval read a third slower) and spreads it over the ETA."""
 
     def __init__(self, *, tokens_per_step: int, flops_per_token: int, world: int, device: torch.device,
                  precision: str, configured_peak: float | None):
@@ -42,6 +44,7 @@ class MetricsWindow:
         self.loss_sum = torch.zeros((), device=device)
         self.steps = 0
         self.started = time.perf_counter()
+        self.steps_total, self.outside_s = 0, 0.0  # this attempt's steps, and its time outside them
         self.first_step_at: float | None = None  # wall time of this attempt's first step, until reported
         self.reported = False
 
@@ -50,6 +53,16 @@ class MetricsWindow:
             self.first_step_at = time.time()
         self.loss_sum += step_loss
         self.steps += 1
+        self.steps_total += 1
+
+    def exclude(self, seconds: float) -> None:
+        """`seconds` just spent on work that is not a training step."""
+        self.started += seconds
+        self.outside_s += seconds
+
+    def outside_ms_per_step(self) -> float:
+        """Evaluation and checkpoint time so far, per step: the ETA's share of it."""
+        return 1000 * self.outside_s / max(1, self.steps_total)
 
     def mean_loss(self) -> float:
         return all_reduce_mean(self.loss_sum.reshape(1) / self.steps)[0].item()
@@ -98,10 +111,11 @@ class MetricsWindow:
 
 
 def progress_line(step: int, max_steps: int, loss: float, val: str, lr: float, step_ms: float,
-                  tokens_per_s: float, mfu_value: float | None) -> str:
+                  tokens_per_s: float, mfu_value: float | None, outside_ms_per_step: float = 0.0) -> str:
     """`step 10/60 | loss 6.1234 | val - | lr 9.09e-04 | 4,520 ms/step | 902 tok/s | mfu 28.0% | eta 3m46s`:
-    the ETA at this window's step time."""
-    eta_s = round((max_steps - step) * step_ms / 1000)
+    the ETA at this window's step time plus the evaluation and checkpoint
+    time per step so far."""
+    eta_s = round((max_steps - step) * (step_ms + outside_ms_per_step) / 1000)
     eta = f"{eta_s // 3600}h{eta_s % 3600 // 60:02d}m" if eta_s >= 3600 else f"{eta_s // 60}m{eta_s % 60:02d}s"
     width = len(str(max_steps))
     mfu_text = "-" if mfu_value is None else f"{mfu_value:.1%}"
@@ -109,11 +123,11 @@ def progress_line(step: int, max_steps: int, loss: float, val: str, lr: float, s
             f"| {tokens_per_s:,.0f} tok/s | mfu {mfu_text} | eta {eta}")
 
 
-def report_line(report: StepReport, max_steps: int, last_val: float) -> str:
+def report_line(report: StepReport, max_steps: int, last_val: float, outside_ms_per_step: float = 0.0) -> str:
     m = report.metrics
     val = f"{last_val:.4f}" if math.isfinite(last_val) else "-"
     return progress_line(report.step, max_steps, m["train/loss"], val, m["lr"], m["step_time_ms"],
-                         m["tokens_per_s"], m["mfu"])
+                         m["tokens_per_s"], m["mfu"], outside_ms_per_step)
 
 
 def print_line(line: str) -> None:

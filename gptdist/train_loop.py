@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,15 +254,19 @@ def write_checkpoint(folder: Path, state: TrainState, cfg: Config, stream: RayDa
 
 
 def send_report(report: StepReport, with_checkpoint: bool, rank: int, state: TrainState, cfg: Config,
-                stream: RayDataStream | TrainStream, spec: WorkerSpec) -> None:
-    """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
+                stream: RayDataStream | TrainStream, spec: WorkerSpec) -> float:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint, and
+    reports and returns the seconds it took to write (0 without one)."""
     if not (with_checkpoint and rank == 0):
         ray.train.report(report.to_ray())
-        return
+        return 0.0
     with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
         write_checkpoint(Path(tmp), state, cfg, stream, spec)
+        report.metrics["checkpoint_save_s"] = time.perf_counter() - started
         ray.train.report(report.to_ray(), checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{state.step:08d}")
+    return report.metrics["checkpoint_save_s"]
 
 
 def checkpoint_to_resume(spec: WorkerSpec) -> ray.train.Checkpoint | None:
@@ -407,13 +412,16 @@ def train_worker(spec: WorkerSpec) -> dict:
             report.metrics["time_to_first_step_s"] = first_step_at - spec.driver_start_time
             report.facts = {**facts, "mfu_peak_tflops": f"{window.peak / 1e12:.3f}", **report.facts}
         if due.eval:
+            eval_started = time.perf_counter()
             last_val = report.metrics["val/loss"] = evaluate(state.model, spec.dataset.val_shards, cfg, rank, world,
                                                              device, precision)
             if rank == 0 and cfg.train.sample_tokens > 0:
                 report.sample = training_sample(state.model, cfg, device)
+            report.metrics["eval_s"] = time.perf_counter() - eval_started
+            window.exclude(report.metrics["eval_s"])
         if rank == 0:
-            print_line(report_line(report, cfg.train.max_steps, last_val))
-        send_report(report, due.checkpoint, rank, state, cfg, stream, spec)
+            print_line(report_line(report, cfg.train.max_steps, last_val, window.outside_ms_per_step()))
+        window.exclude(send_report(report, due.checkpoint, rank, state, cfg, stream, spec))
     return {"step": state.step, "val_loss": last_val, "param_digests": gather_param_digests(state.model, world)}
 
 

@@ -35,3 +35,37 @@ def test_gpu_peaks_match_the_model_name_as_a_word():
     assert gpu_peak_flops("NVIDIA A10G", "bf16") == 125e12
     assert gpu_peak_flops("NVIDIA GeForce RTX 4090", "bf16") == 165e12
     assert gpu_peak_flops("NVIDIA B200", "bf16") is None
+
+
+def test_evaluation_and_checkpoint_time_is_not_step_time(monkeypatch):
+    """A window after an eval reports the steps' own time; the ETA counts
+    the eval and checkpoint time per step so far."""
+    import torch
+
+    from gptdist import metrics_window
+    from gptdist.metrics_window import MetricsWindow, report_line
+
+    clock = [0.0]
+    monkeypatch.setattr(metrics_window.time, "perf_counter", lambda: clock[0])
+    window = MetricsWindow(tokens_per_step=1000, flops_per_token=10**6, world=1, device=torch.device("cpu"),
+                           precision="fp32", configured_peak=1e10)
+
+    def steps(n: int, seconds_each: float):
+        for _ in range(n):
+            clock[0] += seconds_each
+            window.add(torch.tensor(2.0))
+
+    steps(10, 1.0)
+    first = window.close(10, 1e-3, 0.5, 10_000, 0.1, 0)
+    assert first.metrics["step_time_ms"] == 1000 and first.metrics["tokens_per_s"] == 1000
+    clock[0] += 6.0  # an evaluation and a sample
+    window.exclude(6.0)
+    clock[0] += 4.0  # a checkpoint written
+    window.exclude(4.0)
+    steps(10, 1.0)
+    second = window.close(20, 1e-3, 0.5, 20_000, 0.2, 0)
+    assert second.metrics["step_time_ms"] == 1000 and second.metrics["tokens_per_s"] == 1000
+    assert second.metrics["mfu"] == 0.1
+    # 10 s outside 20 steps: 0.5 s a step on top of the steps' 1 s for the 40 steps left
+    assert window.outside_ms_per_step() == 500
+    assert report_line(second, 60, float("nan"), window.outside_ms_per_step()).endswith("eta 1m00s")

@@ -81,6 +81,10 @@ def test_two_worker_run_is_fully_logged(server_run, mlflow_server, tiny_dataset)
     for key in ("train/loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_ms", "tokens_seen"):
         assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)] == [1, 2, 3, 4], key
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/loss")) == [2, 4]
+    # Evaluation and checkpoint writing are timed on their own, outside the steps' time.
+    for key in ("eval_s", "checkpoint_save_s"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [2, 4] and all(m.value > 0 for m in history), key
     # MFU is achieved FLOP/s over the logged peak of both workers
     peak = float(tags["gptdist.mfu_peak_tflops"]) * 1e12
     assert peak > 0 and peak != 1.0e11  # measured, not tiny_config's fixed value
