@@ -350,9 +350,9 @@ def cpu_kind(cpuinfo: str | None = None) -> str:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return "unknown"
-    vendor_id = cpu_identity(cpuinfo, cache_root=Path("/nonexistent"))["vendor"]
-    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(vendor_id)
-    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+    fields = first_cpu_fields(cpuinfo)
+    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(fields.get("vendor_id", ""))
+    flags = set(fields.get("flags", "").split())
     kind = next((kind for flag, kind in (("amx_bf16", "amx"), ("avx512_bf16", "avx512bf16"), ("avx512f", "avx512"),
                                          ("avx2", "avx2")) if flag in flags), "other")
     return f"{vendor}-{kind}" if vendor else kind
@@ -370,6 +370,12 @@ def cpu_description() -> str:
     return f"{name} ({', '.join(flags)})" if flags else name
 
 
+def first_cpu_fields(cpuinfo: str) -> dict[str, str]:
+    """The fields of /proc/cpuinfo's first processor."""
+    first = cpuinfo.split("\n\n", 1)[0]
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
+
+
 def cpu_identity(cpuinfo: str | None = None, cache_root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> dict:
     """Vendor, family, model, stepping and cache sizes: a hypervisor's CPU
     model name ("AMD EPYC") hides which processor runs the VM, and one VM of
@@ -380,9 +386,7 @@ def cpu_identity(cpuinfo: str | None = None, cache_root: Path = Path("/sys/devic
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return {}
-    first = cpuinfo.split("\n\n", 1)[0]
-    fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    fields = first_cpu_fields(cpuinfo)
     wanted = {"vendor": "vendor_id", "family": "cpu family", "model": "model", "stepping": "stepping",
               "model_name": "model name", "mhz": "cpu MHz", "bogomips": "bogomips"}
     identity = {key: fields.get(name) for key, name in wanted.items()}
