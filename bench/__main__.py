@@ -130,6 +130,9 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
         steps = timed_steps(quick, name)
         candidates = best_setting_candidates(fast_bf16, quick, name)
         plain = train_speed.plain_loop_in_child(name, steps, 2)
+        # The same loop with glibc keeping freed memory, as gptdist's workers
+        # start: how much of gptdist's gain is that setting alone.
+        plain_kept = train_speed.plain_loop_in_child(name, steps, 2, worker_malloc=True)
         plain_bf16 = (train_speed.plain_loop_in_child(name, steps, 2, precision="bf16")
                       if fast_bf16 and (not quick or name == "mini") else None)
         fpt = plain["flops_per_token"]
@@ -171,6 +174,10 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
                 note=f"MFU {mfu(base, peaks['fp32']):.0%} of fp32 peak; mean of {before:,.0f} before and "
                      f"{after:,.0f} after the gptdist runs"),
         ]
+        rows.append(row(f"{name}: plain PyTorch loop fp32 with the workers' malloc settings",
+                        plain_kept["tokens_per_s"], before, unit="tok/s",
+                        note="baseline: the plain loop just before it; glibc keeps freed memory, so the step's "
+                             "full-logits temporaries are not faulted in afresh each step"))
         if plain_bf16:
             rows.append(row(f"{name}: plain PyTorch loop bf16 autocast", plain_bf16["tokens_per_s"], base, unit="tok/s"))
         rows += [
@@ -215,7 +222,8 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
             row(f"{name}: peak RSS, gptdist train driver", fp32["driver_peak_rss_mb"], unit="MB",
                 note="the bench process: it also started Ray and prepared the data"),
         ]
-        raw[name] = {"plain_fp32": plain, "plain_fp32_after": plain_after, "plain_bf16": plain_bf16, "turns": turns,
+        raw[name] = {"plain_fp32": plain, "plain_fp32_after": plain_after, "plain_fp32_worker_malloc": plain_kept,
+                     "plain_bf16": plain_bf16, "turns": turns,
                      **{f"gptdist_{k}": v for k, v in runs.items()}}
     # The peak again after the training runs: if the machine itself sped up
     # or slowed down meanwhile, the ratios above compare unlike moments.
@@ -251,12 +259,14 @@ UNSETTLED = "unsettled"
 
 
 def turns_row(name: str, turns: dict) -> dict:
-    """gptdist's fp32 step against the plain loop's, taking turns step by
-    step without Ray (`train_speed.alternating_steps`): the step's own gain,
-    which a drifting machine moves far less than whole runs minutes apart."""
+    """gptdist's fp32 step against the plain loop's, both with the workers'
+    malloc settings, taking turns step by step without Ray
+    (`train_speed.alternating_steps`): the step code's own gain, which a
+    drifting machine moves far less than whole runs minutes apart."""
     ratios = turns["ratios"]
     value = turns["gptdist_tokens_per_s"]
-    return row(f"{name}: gptdist's fp32 step vs the plain loop's, taking turns step by step, no Ray", value,
+    return row(f"{name}: gptdist's fp32 step vs the plain loop's, both with the workers' malloc settings, "
+               "taking turns step by step, no Ray", value,
                value / turns["ratio"], unit="tok/s",
                note=f"median of {len(ratios)} rounds' ratios ({min(ratios):.2f}-{max(ratios):.2f}x); plain step "
                     f"{turns['plain_tokens_per_s']:,.0f} tok/s; what Ray adds: python -m bench.ray_cost")

@@ -135,20 +135,28 @@ def step_server(conn, kind: str, preset_name: str, batches: int, threads: int) -
 
 def alternating_steps(preset_name: str, rounds: int, warmup: int = 1) -> dict:
     """The plain loop's fp32 step against gptdist's, each in a process of its
-    own (gptdist's with the workers' malloc settings), no Ray, taking turns
-    one step at a time, the order swapped each round. Neighbouring steps see
-    the same machine, so their ratio holds while a shared VM's speed drifts:
-    one VM's pairs of whole runs, minutes apart, read 0.73x and 0.94x while
-    the workers' own MFU, against peaks probed beside them, read 80% and 78%.
-    What Ray adds around the step is `bench.ray_cost`'s measurement."""
+    own, no Ray, taking turns one step at a time, the order swapped each
+    round. Neighbouring steps see the same machine, so their ratio holds
+    while a shared VM's speed drifts: one VM's pairs of whole runs, minutes
+    apart, read 0.73x and 0.94x while the workers' own MFU, against peaks
+    probed beside them, read 80% and 78%.
+
+    Both processes start with the workers' malloc settings, so the ratio is
+    the step code's own gain (chunked loss, fused AdamW, attention choice).
+    The plain loop with glibc's default malloc faults its 4 GB of fresh
+    temporaries in every step, and taking turns with a process that keeps its
+    memory slowed that step by a fifth or more on a 2-core VM (8.2-10.9
+    against 6.0-7.8 s/step alone, the same hour), which made the row read
+    1.7-1.8x where whole runs read 1.1x. What the malloc settings give the
+    plain loop is the continuous `plain_loop(..., worker_malloc=True)` row;
+    what Ray adds around the step is `bench.ray_cost`'s measurement."""
     spawn = multiprocessing.get_context("spawn")
     threads = os.cpu_count() or 1
     servers = {}
     for kind in ("plain", "gptdist"):
         parent, child = spawn.Pipe()
         saved = dict(os.environ)
-        # glibc reads its malloc settings when the process starts.
-        os.environ.update(WORKER_MALLOC_ENV if kind == "gptdist" else {})
+        os.environ.update(WORKER_MALLOC_ENV)  # glibc reads its malloc settings when the process starts
         try:
             process = spawn.Process(target=step_server, args=(child, kind, preset_name, warmup + rounds, threads),
                                     daemon=True)
