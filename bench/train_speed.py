@@ -5,6 +5,7 @@ batch, same run, so the ratio is honest."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import resource
@@ -102,11 +103,19 @@ def in_child(fn, *args, worker_malloc: bool = False, **kwargs):
     each call, such as the matmul attention's T x T scores, page-faults them
     anew and reads up to 2x slower than in a worker."""
     spawn = multiprocessing.get_context("spawn")
+    with (environment(WORKER_MALLOC_ENV if worker_malloc else {}),
+          concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool):
+        return pool.submit(fn, *args, **kwargs).result()
+
+
+@contextlib.contextmanager
+def environment(extra: dict[str, str]):
+    """os.environ with `extra` added while the block runs: processes started
+    in it inherit them (glibc reads its malloc settings when a process starts)."""
     saved = dict(os.environ)
-    os.environ.update(WORKER_MALLOC_ENV if worker_malloc else {})
+    os.environ.update(extra)
     try:
-        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-            return pool.submit(fn, *args, **kwargs).result()
+        yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -148,23 +157,18 @@ def alternating_steps(preset_name: str, rounds: int, warmup: int = 1) -> dict:
     memory slowed that step by a fifth or more on a 2-core VM (8.2-10.9
     against 6.0-7.8 s/step alone, the same hour), which made the row read
     1.7-1.8x where whole runs read 1.1x. What the malloc settings give the
-    plain loop is the continuous `plain_loop(..., worker_malloc=True)` row;
-    what Ray adds around the step is `bench.ray_cost`'s measurement."""
+    plain loop is the continuous `plain_loop_in_child(..., worker_malloc=True)`
+    row; what Ray adds around the step is `bench.ray_cost`'s measurement."""
     spawn = multiprocessing.get_context("spawn")
     threads = os.cpu_count() or 1
     servers = {}
-    for kind in ("plain", "gptdist"):
-        parent, child = spawn.Pipe()
-        saved = dict(os.environ)
-        os.environ.update(WORKER_MALLOC_ENV)  # glibc reads its malloc settings when the process starts
-        try:
+    with environment(WORKER_MALLOC_ENV):
+        for kind in ("plain", "gptdist"):
+            parent, child = spawn.Pipe()
             process = spawn.Process(target=step_server, args=(child, kind, preset_name, warmup + rounds, threads),
                                     daemon=True)
             process.start()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        servers[kind] = (parent, process)
+            servers[kind] = (parent, process)
     try:
         for parent, _ in servers.values():
             if parent.recv() != "ready":
