@@ -70,8 +70,13 @@ def test_a_failed_run_resumes_exactly_on_another_worker_count(tmp_path, tiny_dat
     summary = train_main(second, hooks=FaultHooks(audit_dir=str(tmp_path / "audit-second")))
     assert summary["step"] == 6
     ref_params, params = final_params(ref), final_params(summary)
+    # One worker sums the batch's gradients in another order than gloo's
+    # all-reduce over two, and Adam turns a rounding difference in a
+    # near-zero gradient into a visible one (1.1e-6 has been seen). A resume
+    # that lost a step, the optimizer state or the learning-rate schedule
+    # differs by about one update, lr = 3e-3: 300 times this tolerance.
     for name in ref_params:
-        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-5, atol=1e-5)
     second_rows = audited_rows(tmp_path / "audit-second")
     assert sorted(second_rows) == [3, 4, 5]  # resumed from the checkpoint of step 3
     rows = {**{step: r for step, r in first_rows.items() if step < 3}, **second_rows}
