@@ -17,7 +17,10 @@ and are not checked here):
                 T x T probabilities each layer keeps for backward, 4 bytes
                 each, doubled for the temporaries of the same size that the
                 worker's malloc keeps once freed (measured: `mini` fp32 at
-                8x512 rows peaked 577 MB above SDPA; this counts 604)
+                8x512 rows peaked 577 MB above SDPA; this counts 604).
+                Since the attention skips the keys above the diagonal a
+                block of queries at a time, it keeps about 5/8 of that at
+                T = 512; the estimate still counts the whole square
 
 The constants were fitted to the peak RSS of Ray Train workers measured by
 the benchmark (`micro` 1.1-1.2 GB and `mini` 1.9-2.3 GB at 8x512 rows); they

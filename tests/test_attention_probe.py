@@ -17,7 +17,7 @@ from gptdist.attention_probe import (
     measure_attention,
     probe_attention,
 )
-from gptdist.model import GPT, matmul_attention, preset
+from gptdist.model import GPT, QUERY_BLOCK, matmul_attention, preset
 from gptdist.train_step import resolve_attention
 
 from support import FixedMeasure
@@ -25,10 +25,13 @@ from support import FixedMeasure
 SHAPE = AttentionShape(batch=2, heads=2, positions=32, head_dim=16, precision="bf16")
 
 
-def test_matmul_attention_computes_what_sdpa_does():
+# One query block, and three (two whole, one partial): the later blocks see
+# only the keys up to their last query.
+@pytest.mark.parametrize("positions", [24, 2 * QUERY_BLOCK + 40])
+def test_matmul_attention_computes_what_sdpa_does(positions):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 24, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    grad = torch.randn(2, 3, 24, 8, dtype=torch.float64)
+    q, k, v = (torch.randn(2, 3, positions, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 3, positions, 8, dtype=torch.float64)
     outputs, grads = [], []
     for attend in (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), lambda: matmul_attention(q, k, v)):
         out = attend()
