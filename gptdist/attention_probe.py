@@ -4,8 +4,9 @@ batched matmuls and a softmax (`gptdist.model.matmul_attention`), measured.
 Neither wins everywhere. On an AMD EPYC with AVX-512 BF16 (no AMX), one
 `mini` layer's causal attention took 76 ms forward and backward through
 SDPA in bf16 and 39 ms as matmuls, whose bf16 `bmm` runs near the matmul
-peak; in fp32 SDPA was the faster by far (91 against 222 ms), since it skips
-the masked half of the scores. So `train.attention: auto` on a CPU times one
+peak; in fp32 SDPA was the faster by far (91 against 222 ms) while the matmuls
+computed the whole T x T square; since they skip the keys above the
+diagonal a block of queries at a time, the two are close in fp32. So `train.attention: auto` on a CPU times one
 layer's attention both ways, forward and backward, at the run's shape and
 precision, for about a second, and keeps the figures per machine beside the
 precision probe's (gptdist.precision_probe: same folder, same keying).
@@ -20,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from gptdist.model import matmul_attention
+from gptdist.model import QUERY_BLOCK, matmul_attention
 from gptdist.precision_probe import best_seconds_per_call, cache_file, cached_pair
 
 CACHE_FILE_NAME = "attention-probe.json"
@@ -97,7 +98,10 @@ def probe_attention(shape: AttentionShape, cache: Path | None,
     """SDPA against the matmuls at `shape`, from `cache` when it holds this
     machine's timings for it, else measured (and stored there).
     `cache=None` always measures and stores nothing."""
-    sdpa_s, matmul_s, cached = cached_pair(cache, {"attention": asdict(shape)}, ("sdpa_s", "matmul_s"),
+    # The matmul path's query block is part of the key: timings of another
+    # implementation are not reused.
+    key = {"attention": asdict(shape), "matmul_query_block": QUERY_BLOCK}
+    sdpa_s, matmul_s, cached = cached_pair(cache, key, ("sdpa_s", "matmul_s"),
                                            lambda: measure(shape))
     return AttentionProbe(choose_attention(sdpa_s, matmul_s), sdpa_s, matmul_s, cached)
 

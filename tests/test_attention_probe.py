@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gptdist import attention_probe
 from gptdist.attention_probe import (
     AttentionProbe,
     AttentionShape,
@@ -82,6 +83,15 @@ def test_cached_timings_are_reused_per_shape(tmp_path):
     assert other == AttentionProbe("sdpa", 0.09, 0.2, cached=False)
     entries = json.loads(cache.read_text()).values()
     assert sorted(e["attention"]["precision"] for e in entries) == ["bf16", "fp32"]
+
+
+def test_timings_of_another_matmul_path_are_measured_again(tmp_path, monkeypatch):
+    cache = tmp_path / "attention-probe.json"
+    probe_attention(SHAPE, cache, FixedMeasure(0.08, 0.04))
+    monkeypatch.setattr(attention_probe, "QUERY_BLOCK", QUERY_BLOCK * 2)
+    again = FixedMeasure(0.05, 0.06)
+    assert probe_attention(SHAPE, cache, again) == AttentionProbe("sdpa", 0.05, 0.06, cached=False)
+    assert again.calls == 1
 
 
 def test_corrupt_cache_is_measured_and_rewritten(tmp_path):
