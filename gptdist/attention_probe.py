@@ -4,12 +4,13 @@ batched matmuls and a softmax (`gptdist.model.matmul_attention`), measured.
 Neither wins everywhere. On an AMD EPYC with AVX-512 BF16 (no AMX), one
 `mini` layer's causal attention took 76 ms forward and backward through
 SDPA in bf16 and 39 ms as matmuls, whose bf16 `bmm` runs near the matmul
-peak; in fp32 SDPA was the faster by far (91 against 222 ms) while the matmuls
-computed the whole T x T square; since they skip the keys above the
-diagonal a block of queries at a time, the two are close in fp32. So `train.attention: auto` on a CPU times one
-layer's attention both ways, forward and backward, at the run's shape and
-precision, for about a second, and keeps the figures per machine beside the
-precision probe's (gptdist.precision_probe: same folder, same keying).
+peak. In fp32 SDPA was the faster by far (91 against 222 ms) while the
+matmuls computed the whole T x T square; since they skip the keys above
+the diagonal a block of queries at a time, they ran 67.5 ms against SDPA's
+81-84. So `train.attention: auto` on a CPU times one layer's attention
+both ways, forward and backward, at the run's shape and precision, for
+about a second, and keeps the figures per machine beside the precision
+probe's (gptdist.precision_probe: same folder, same keying).
 """
 
 from __future__ import annotations

@@ -37,9 +37,9 @@ def causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
 
 
 # Query rows per block of `matmul_attention`: the block of queries s..e
-# takes keys 0..e only. At T = 512, four blocks compute 62.5% of the full
-# T x T scores; fp32 `mini` attention fwd+bwd took 79-91 ms a layer against
-# 106-151 for the full square (AMD EPYC, AVX-512 BF16), bf16 the same either way.
+# takes keys 0..e only. At T = 512, four blocks compute 5/8 of the full
+# T x T scores; one `mini` layer fwd+bwd took 67.5 ms in fp32 against 87-89
+# for the full square (AMD EPYC, AVX-512 BF16), in bf16 40-41 against 43-44.
 QUERY_BLOCK = 128
 
 
@@ -51,7 +51,6 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     backward. On CPUs whose bf16 matmuls are fast but have no AMX, SDPA's
     fused CPU kernel ran fwd+bwd at half this speed (76 against 39 ms a layer
     for `mini`, AMD EPYC with AVX-512 BF16), the rest of the step unchanged.
-    PyTorch's SDPA has no CPU kernel of these products, hence this one.
     The scores are rounded to the compute dtype before the softmax, as in
     nanoGPT's non-flash path under autocast: in bf16 about twice SDPA's
     error against an fp64 reference (1.4% against 0.75% of the output)."""
