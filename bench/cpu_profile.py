@@ -4,7 +4,7 @@ the Ray Train workers run: chunked loss, fused AdamW; no Ray).
 
 Writes bench/results/<date>-<host>-<cpu kind>-<preset>-<precision>-profile.json
 and prints a table. It runs under the workers' malloc settings
-(gptdist.driver.WORKER_MALLOC_ENV), restarting itself with them where they
+(gptdist.worker_contract.WORKER_MALLOC_ENV), restarting itself with them where they
 are not set, to see the step as a worker runs it (`--system-malloc` keeps
 glibc's defaults); the file records which."""
 

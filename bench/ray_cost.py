@@ -7,8 +7,9 @@ settings) is timed three ways, in turn, `rounds` times:
 - in a process of its own, no Ray;
 - in a plain Ray actor on a local Ray;
 - in the worker of a one-worker Ray Train run (`TorchTrainer`) on that Ray.
-Each case also records how many cores everything else on the machine used
-while the steps ran: on a 2-core machine a step whose two threads wait on
+Each case also records the step's page faults (memory the process's malloc
+handed back to the kernel and took again) and how many cores everything
+else on the machine used while the steps ran: on a 2-core machine a step whose two threads wait on
 each other loses more than that share when either thread is descheduled.
 
 Writes bench/results/<date>-<host>-<cpu kind>-ray-cost.json and prints a table."""
@@ -34,6 +35,7 @@ from bench.cpu_profile import worker_step
 from bench.train_speed import BATCH, BLOCK
 from gptdist.config import load_config
 from gptdist.driver import CONTROLLER_POLL_ENV, WORKER_MALLOC_ENV
+from gptdist.metrics_window import page_faults
 
 WARMUP = 2
 
@@ -55,17 +57,18 @@ def timed_steps(preset_name: str, precision: str, steps: int) -> dict:
     _, step = worker_step(preset_name, precision, WARMUP + steps)
     for i in range(WARMUP):
         step(i)
-    busy, own, wall = machine_busy_s(), time.process_time(), time.perf_counter()
+    busy, own, wall, faults = machine_busy_s(), time.process_time(), time.perf_counter(), page_faults()
     times = []
     for i in range(WARMUP, WARMUP + steps):
         start = time.perf_counter()
         step(i)
         times.append(time.perf_counter() - start)
-    wall, own = time.perf_counter() - wall, time.process_time() - own
+    wall, own, faults = time.perf_counter() - wall, time.process_time() - own, page_faults() - faults
     others = None if busy is None else (machine_busy_s() - busy - own) / wall
     step_s = statistics.median(times)
     return {"step_s": step_s, "tokens_per_s": BATCH * BLOCK / step_s, "step_times_s": times,
-            "threads": torch.get_num_threads(), "process_cores": own / wall, "others_cores": others}
+            "threads": torch.get_num_threads(), "process_cores": own / wall, "others_cores": others,
+            "page_faults_per_step": faults / steps}
 
 
 def in_own_process(preset_name: str, precision: str, steps: int) -> dict:
@@ -131,20 +134,24 @@ def main() -> None:
         shutdown_ray()
     base = statistics.mean(r["step_s"] for r in runs["own process, no Ray"])
     summary = {name: {"step_s": [r["step_s"] for r in rs], "others_cores": [r["others_cores"] for r in rs],
+                      "page_faults_per_step": [r["page_faults_per_step"] for r in rs],
                       "slowdown": statistics.mean(r["step_s"] for r in rs) / base} for name, rs in runs.items()}
     report = {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
               "cpu": cpu_description(), "cpu_identity": cpu_identity(), "cores": os.cpu_count(),
               "torch": torch.__version__,
+              "worker_malloc_env": WORKER_MALLOC_ENV,
               "preset": args.preset, "precision": args.precision, "batch": [BATCH, BLOCK],
               "steps_per_case": args.steps, "rounds": args.rounds, "summary": summary, "runs": runs}
     out = unused_path(RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{cpu_kind()}-ray-cost.json")
     out.write_text(json.dumps(report, indent=2))
     print(f"{args.preset} {args.precision}, batch {BATCH} x {BLOCK}, {args.rounds} rounds of {args.steps} steps\n")
-    print("| where the step runs | s/step (each round) | against its own process | other processes' cores |")
-    print("|---|---|---|---|")
+    print("| where the step runs | s/step (each round) | against its own process | other processes' cores "
+          "| page faults a step |")
+    print("|---|---|---|---|---|")
     for name, s in summary.items():
         others = ", ".join("-" if c is None else f"{c:.2f}" for c in s["others_cores"])
-        print(f"| {name} | {', '.join(f'{x:.2f}' for x in s['step_s'])} | {s['slowdown']:.2f}x | {others} |")
+        faults = ", ".join(f"{f:,.0f}" for f in s["page_faults_per_step"])
+        print(f"| {name} | {', '.join(f'{x:.2f}' for x in s['step_s'])} | {s['slowdown']:.2f}x | {others} | {faults} |")
     print(f"\nwritten {out}")
 
 

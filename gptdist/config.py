@@ -47,7 +47,7 @@ class RayConfig:
     # worker's report waits while its previous one is uncollected, so steps
     # that report faster than this are slowed to it (Ray's default is 2 s).
     controller_poll_s: float = 0.25
-    # Workers' glibc malloc keeps freed memory for reuse (driver.WORKER_MALLOC_ENV)
+    # Workers' glibc malloc keeps freed memory for reuse (worker_contract.WORKER_MALLOC_ENV)
     # instead of handing it back to the kernel and faulting it in again each step.
     worker_keeps_freed_memory: bool = True
 

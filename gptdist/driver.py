@@ -36,7 +36,7 @@ from gptdist.redaction import redact_text, redact_uri
 from gptdist.run_data import DatasetInfo, data_params, dataset_name, dataset_prompt, log_dataset_input, open_dataset, train_datasets
 from gptdist.tracking import log_final_artifacts, open_tracking, run_params
 from gptdist.train_loop import train_worker
-from gptdist.worker_contract import StepReport, WorkerSpec
+from gptdist.worker_contract import WORKER_MALLOC_ENV, StepReport, WorkerSpec
 
 
 def default_run_name(cfg: Config) -> str:
@@ -57,18 +57,8 @@ def scaling_config(cfg: Config) -> ScalingConfig:
     )
 
 
-# glibc malloc gives large freed blocks back to the kernel (blocks over its
-# mmap threshold, trimmed heap tops, whole thread heaps), so every training
-# step page-faults and zeroes its fresh activations and gradients again.
-# Never mapping, trimming or dropping heaps keeps that memory for reuse, at
-# the cost of some worker RSS (the figures are in the README's benchmark
-# notes). glibc reads these only at process start, hence the workers'
-# environment.
-WORKER_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62), "MALLOC_TOP_PAD_": str(64 * 2**20)}
-
-
 def worker_runtime_env(cfg: Config) -> dict:
-    """The workers' environment: the malloc settings above, the driver's
+    """The workers' environment: the malloc settings (WORKER_MALLOC_ENV), the driver's
     object-store endpoint (AWS_ENDPOINT_URL, region), so that workers and
     their Ray Data readers reach the bucket the driver verified, and the
     precision probe's cache folder when one is set."""

@@ -361,7 +361,7 @@ def keep_freed_memory() -> None:
     otherwise fresh pages the kernel faults in and zeroes, twice a batch:
     measured on 2 cores, as much system time as the model's own compute.
     Training workers get the same settings from their environment
-    (driver.WORKER_MALLOC_ENV); this process is already running, hence
+    (worker_contract.WORKER_MALLOC_ENV); this process is already running, hence
     mallopt. Not glibc (macOS, musl): nothing to do."""
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -23,6 +23,14 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def page_faults() -> int:
+    """Page faults of this process so far, all threads: each maps a fresh
+    page (zeroed memory, or a file page from the cache) of 4 KB, or 2 MB
+    where the kernel backs memory with transparent huge pages."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
+
+
 class MetricsWindow:
     """Steps since the last report. `add` each step's loss (a device
     tensor: one host sync per report, not per step); `close` at a report.
@@ -44,6 +52,7 @@ class MetricsWindow:
         self.loss_sum = torch.zeros((), device=device)
         self.steps = 0
         self.started = time.perf_counter()
+        self.faults_at_start = page_faults()
         self.steps_total, self.outside_s = 0, 0.0  # this attempt's steps, and its time outside them
         self.first_step_at: float | None = None  # wall time of this attempt's first step, until reported
         self.reported = False
@@ -90,11 +99,15 @@ class MetricsWindow:
             "epoch": epoch,
             "nonfinite_steps": nonfinite_steps,
             "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            # Memory the worker's malloc handed back and took again: near 0 once
+            # warm when it keeps freed memory (worker_contract.WORKER_MALLOC_ENV).
+            "worker_page_faults_per_step": (page_faults() - self.faults_at_start) / self.steps,
         }
         if self.device.type == "cuda":
             metrics["device_peak_memory_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.loss_sum.zero_()
         self.steps, self.started, self.reported = 0, time.perf_counter(), True
+        self.faults_at_start = page_faults()
         return StepReport(step, metrics, facts)
 
     def take_first_step_time(self) -> float | None:

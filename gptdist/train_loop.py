@@ -52,7 +52,7 @@ from gptdist.precision_probe import ProbeResult, cache_file, model_matmuls, prob
 from gptdist.tokenizer import EOT_TOKEN, decode, encode
 from gptdist.train_step import (autocast_context, build_optimizer, learning_rate, optimizer_step, resolve_attention,
                                 resolve_chunked_loss, resolve_precision)
-from gptdist.worker_contract import StepReport, WorkerSpec
+from gptdist.worker_contract import WORKER_MALLOC_ENV, StepReport, WorkerSpec
 
 
 class NonFiniteLossError(RuntimeError):
@@ -341,8 +341,8 @@ def run_facts(precision: str, attention: str, device: torch.device, world: int, 
     return {"precision": precision, "attention": attention, "device": str(device), "world_size": str(world),
             "cpu_threads": str(threads),
             "chunked_loss": str(chunked_loss).lower(),
-            # what this process's malloc was started with (driver.WORKER_MALLOC_ENV)
-            "worker_keeps_freed_memory": str(os.environ.get("MALLOC_MMAP_MAX_") == "0").lower(),
+            # what this process's malloc was started with (worker_contract.WORKER_MALLOC_ENV)
+            "worker_keeps_freed_memory": str(all(os.environ.get(k) == v for k, v in WORKER_MALLOC_ENV.items())).lower(),
             **(probe.facts() if probe else {}), **(attention_probe.facts() if attention_probe else {})}
 
 

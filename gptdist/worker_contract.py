@@ -1,7 +1,8 @@
 """The two contracts around a training worker, as small typed structures:
 what the driver hands every worker (`WorkerSpec`), and what a worker
 reports at a step (`StepReport`), which the MLflow coordinator, Ray Tune
-and the driver's summary read back."""
+and the driver's summary read back; and the malloc settings every worker
+process starts with (`WORKER_MALLOC_ENV`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,23 @@ from typing import Any
 
 from data_pipeline.stream import Shard
 from gptdist.fault_injection import FaultHooks
+
+
+# glibc malloc gives large freed blocks back to the kernel (blocks over its
+# mmap threshold, trimmed heap tops, whole thread heaps), so every training
+# step page-faults and zeroes its fresh activations and gradients again.
+# Never mapping, trimming or dropping heaps keeps that memory for reuse, at
+# the cost of some worker RSS (the figures are in the README's benchmark
+# notes). A Ray Train worker runs the training function in a thread of its
+# own, not the main thread, and glibc serves a thread from a secondary arena
+# of mmap'd heaps that it still shrinks and drops: on a Zen-4 VM a `mini` bf16
+# step faulted in about 160 MB afresh (38-41k faults) under Ray Train against
+# none in a plain Ray actor. One arena (`MALLOC_ARENA_MAX=1`) puts every
+# thread on the main heap, where the settings above hold: 0.9-2.6k faults a
+# step, and the step as fast as in the actor. glibc reads these only at
+# process start, hence the workers' environment.
+WORKER_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62), "MALLOC_TOP_PAD_": str(64 * 2**20),
+                     "MALLOC_ARENA_MAX": "1"}
 
 
 @dataclass(frozen=True)

@@ -69,3 +69,24 @@ def test_evaluation_and_checkpoint_time_is_not_step_time(monkeypatch):
     # 10 s outside 20 steps: 0.5 s a step on top of the steps' 1 s for the 40 steps left
     assert window.outside_ms_per_step() == 500
     assert report_line(second, 60, float("nan"), window.outside_ms_per_step()).endswith("eta 1m00s")
+
+
+def test_window_reports_the_page_faults_of_its_steps():
+    """Each step below maps and writes 64 MB afresh (malloc takes blocks this
+    large straight from the kernel and hands them back when freed): the
+    window reports at least one fault per page touched, 16,384 pages of
+    4 KB, or 32 of 2 MB where the kernel backs them with transparent huge
+    pages."""
+    import numpy as np
+    import torch
+
+    from gptdist.metrics_window import MetricsWindow
+
+    window = MetricsWindow(tokens_per_step=1000, flops_per_token=10**6, world=1, device=torch.device("cpu"),
+                           precision="fp32", configured_peak=1e10)
+    for _ in range(3):
+        fresh = np.ones(16 * 2**20, dtype=np.float32)
+        del fresh
+        window.add(torch.tensor(2.0))
+    faults = window.close(3, 1e-3, 0.5, 3000, 0.1, 0).metrics["worker_page_faults_per_step"]
+    assert faults >= 64 * 2**20 / (2 * 2**20)

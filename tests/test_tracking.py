@@ -81,6 +81,8 @@ def test_two_worker_run_is_fully_logged(server_run, mlflow_server, tiny_dataset)
     for key in ("train/loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_ms", "tokens_seen"):
         assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)] == [1, 2, 3, 4], key
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/loss")) == [2, 4]
+    faults = client.get_metric_history(run.info.run_id, "worker_page_faults_per_step")
+    assert sorted(m.step for m in faults) == [1, 2, 3, 4] and all(m.value >= 0 for m in faults)
     # Evaluation and checkpoint writing are timed on their own, outside the steps' time.
     for key in ("eval_s", "checkpoint_save_s"):
         history = client.get_metric_history(run.info.run_id, key)
