@@ -327,16 +327,26 @@ def main() -> None:
     fastest = max(v["tokens_per_s"] for k, v in raw["mini"].items() if k.startswith("gptdist") and v)
     rows += data_rows(data, fastest)
     gpu = sorted(RESULTS.glob("*h100*.json"))
-    report = {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-              "cpu": cpu_description(), "cpu_identity": cpu_identity(), "quick": args.quick, "cpus": os.cpu_count(),
+    report = {**machine_record(), "quick": args.quick, "cpus": os.cpu_count(),
               "seconds": time.time() - started,
               "rows": rows, "raw": raw, "gpu_results": [p.name for p in gpu]}
-    RESULTS.mkdir(exist_ok=True)
-    # Named by CPU kind too: two VMs of one host name had different CPUs.
-    out = unused_path(RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{cpu_kind()}.json")
+    out = result_path()
     out.write_text(json.dumps(report, indent=2, default=str))
     print(markdown(rows))
     print(f"\nwritten {out} in {report['seconds']:.0f} s")
+
+
+def machine_record() -> dict:
+    """The head of every result file: when, where and on what CPU."""
+    return {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+            "cpu": cpu_description(), "cpu_identity": cpu_identity()}
+
+
+def result_path(suffix: str = "") -> Path:
+    """bench/results/<date>-<host>-<cpu kind><suffix>.json, not yet taken.
+    Named by CPU kind too: two VMs of one host name had different CPUs."""
+    RESULTS.mkdir(exist_ok=True)
+    return unused_path(RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{cpu_kind()}{suffix}.json")
 
 
 def unused_path(path: Path) -> Path:

@@ -13,18 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import datetime
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.__main__ import RESULTS, cpu_description, cpu_identity, cpu_kind, unused_path
+from bench.__main__ import machine_record, result_path
 from bench.train_speed import BATCH, BLOCK
 from gptdist.attention_probe import AttentionShape, attention_cache_file, probe_attention
 from gptdist.config import load_config
@@ -118,12 +116,10 @@ def main() -> None:
                   {**os.environ, **WORKER_MALLOC_ENV})
     torch.set_num_threads(os.cpu_count() or 1)
     result = profile_step(args.preset, args.precision)
-    report = {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-              "cpu": cpu_description(), "cpu_identity": cpu_identity(), "torch": torch.__version__,
+    report = {**machine_record(), "torch": torch.__version__,
               "worker_malloc_settings": worker_malloc_set(),
               **result}
-    out = unused_path(RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{cpu_kind()}-{args.preset}-"
-                                f"{args.precision}-profile.json")
+    out = result_path(f"-{args.preset}-{args.precision}-profile")
     out.write_text(json.dumps(report, indent=2))
     print(f"{args.preset} {args.precision}: {result['step_s']:.2f} s/step, {result['tokens_per_s']:,.0f} tok/s, "
           f"{result['model_flops_per_s'] / 1e9:.0f} GFLOP/s")

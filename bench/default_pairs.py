@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 from datetime import datetime
 from pathlib import Path
 
 from bench import train_speed
-from bench.__main__ import RESULTS, cpu_description, cpu_identity, cpu_kind, unused_path
+from bench.__main__ import machine_record, result_path
 
 PLAIN_STEPS, PLAIN_WARMUP, GPTDIST_STEPS = 10, 2, 14
 
@@ -55,13 +54,12 @@ def main() -> None:
                       f"{p['gptdist_tokens_per_s']:,.0f} tok/s: {p['ratio']:.2f}x", flush=True)
     finally:
         shutdown_ray()
-    report = {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-              "cpu": cpu_description(), "cpu_identity": cpu_identity(), "cores": os.cpu_count(),
+    report = {**machine_record(), "cores": os.cpu_count(),
               "what": f"{args.preset}, batch {train_speed.BATCH} x {train_speed.BLOCK}: the plain fp32 loop "
                       f"({PLAIN_STEPS} steps after {PLAIN_WARMUP}) and gptdist train with default settings "
                       f"({GPTDIST_STEPS} steps, median of the windows after the first two) in alternating pairs",
               "pairs": pairs, "mean_ratio": statistics.mean(p["ratio"] for p in pairs)}
-    out = unused_path(RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{cpu_kind()}-{args.preset}-pairs.json")
+    out = result_path(f"-{args.preset}-pairs")
     out.write_text(json.dumps(report, indent=2))
     print(f"mean of the pairs' ratios: {report['mean_ratio']:.2f}x\nwritten {out}")
 

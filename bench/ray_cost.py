@@ -9,8 +9,9 @@ settings) is timed three ways, in turn, `rounds` times:
 - in the worker of a one-worker Ray Train run (`TorchTrainer`) on that Ray.
 Each case also records the step's page faults (memory the process's malloc
 handed back to the kernel and took again) and how many cores everything
-else on the machine used while the steps ran: on a 2-core machine a step whose two threads wait on
-each other loses more than that share when either thread is descheduled.
+else on the machine used while the steps ran: on a 2-core machine a step
+whose two threads wait on each other loses more than that share when
+either thread is descheduled.
 
 Writes bench/results/<date>-<host>-<cpu kind>-ray-cost.json and prints a table."""
 
@@ -19,18 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from bench.__main__ import RESULTS, cpu_description, cpu_identity, cpu_kind, unused_path
+from bench.__main__ import machine_record, result_path
 from bench.cpu_profile import worker_step
 from bench.train_speed import BATCH, BLOCK
 from gptdist.config import load_config
@@ -136,13 +135,12 @@ def main() -> None:
     summary = {name: {"step_s": [r["step_s"] for r in rs], "others_cores": [r["others_cores"] for r in rs],
                       "page_faults_per_step": [r["page_faults_per_step"] for r in rs],
                       "slowdown": statistics.mean(r["step_s"] for r in rs) / base} for name, rs in runs.items()}
-    report = {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-              "cpu": cpu_description(), "cpu_identity": cpu_identity(), "cores": os.cpu_count(),
+    report = {**machine_record(), "cores": os.cpu_count(),
               "torch": torch.__version__,
               "worker_malloc_env": WORKER_MALLOC_ENV,
               "preset": args.preset, "precision": args.precision, "batch": [BATCH, BLOCK],
               "steps_per_case": args.steps, "rounds": args.rounds, "summary": summary, "runs": runs}
-    out = unused_path(RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{cpu_kind()}-ray-cost.json")
+    out = result_path("-ray-cost")
     out.write_text(json.dumps(report, indent=2))
     print(f"{args.preset} {args.precision}, batch {BATCH} x {BLOCK}, {args.rounds} rounds of {args.steps} steps\n")
     print("| where the step runs | s/step (each round) | against its own process | other processes' cores "
