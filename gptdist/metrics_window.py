@@ -65,9 +65,13 @@ class MetricsWindow:
         self.steps_total += 1
 
     def exclude(self, seconds: float) -> None:
-        """`seconds` just spent on work that is not a training step."""
+        """`seconds` just spent on work that is not a training step. Before
+        the window's first step its page faults start counting afresh, so an
+        evaluation's or checkpoint's memory is not counted as the steps'."""
         self.started += seconds
         self.outside_s += seconds
+        if self.steps == 0:
+            self.faults_at_start = page_faults()
 
     def outside_ms_per_step(self) -> float:
         """Evaluation and checkpoint time so far, per step: the ETA's share of it."""

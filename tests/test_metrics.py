@@ -71,15 +71,26 @@ def test_evaluation_and_checkpoint_time_is_not_step_time(monkeypatch):
     assert report_line(second, 60, float("nan"), window.outside_ms_per_step()).endswith("eta 1m00s")
 
 
+def touch_fresh_memory(size: int) -> None:
+    """Map `size` bytes afresh from the kernel, write every 4 KB page, unmap.
+    (An mmap of its own, not malloc: in a process that has run other tests
+    malloc may serve the memory from what it kept.)"""
+    import mmap
+
+    import numpy as np
+
+    fresh = mmap.mmap(-1, size)
+    pages = np.frombuffer(fresh, dtype=np.uint8)
+    pages[::4096] = 1
+    del pages
+    fresh.close()
+
+
 def test_window_reports_the_page_faults_of_its_steps():
     """Each step below maps 64 MB afresh from the kernel and writes every
     page of it: the window reports at least one fault per page touched,
     16,384 pages of 4 KB, or 32 of 2 MB where the kernel backs them with
-    transparent huge pages. (An mmap of its own, not malloc: in a process
-    that has run other tests malloc may serve 64 MB from memory it kept.)"""
-    import mmap
-
-    import numpy as np
+    transparent huge pages."""
     import torch
 
     from gptdist.metrics_window import MetricsWindow
@@ -88,11 +99,27 @@ def test_window_reports_the_page_faults_of_its_steps():
     window = MetricsWindow(tokens_per_step=1000, flops_per_token=10**6, world=1, device=torch.device("cpu"),
                            precision="fp32", configured_peak=1e10)
     for _ in range(3):
-        fresh = mmap.mmap(-1, size)
-        pages = np.frombuffer(fresh, dtype=np.uint8)
-        pages[::4096] = 1
-        del pages
-        fresh.close()
+        touch_fresh_memory(size)
         window.add(torch.tensor(2.0))
     faults = window.close(3, 1e-3, 0.5, 3000, 0.1, 0).metrics["worker_page_faults_per_step"]
     assert faults >= size / (2 * 2**20)
+
+
+def test_page_faults_of_excluded_work_are_not_the_steps():
+    """An evaluation between two windows maps 512 MB (at least 256 faults,
+    85 a step over the 3 steps below); the steps after it touch no fresh
+    memory, and their window does not count the evaluation's faults."""
+    import torch
+
+    from gptdist.metrics_window import MetricsWindow
+
+    window = MetricsWindow(tokens_per_step=1000, flops_per_token=10**6, world=1, device=torch.device("cpu"),
+                           precision="fp32", configured_peak=1e10)
+    window.add(torch.tensor(2.0))
+    window.close(1, 1e-3, 0.5, 1000, 0.1, 0)
+    touch_fresh_memory(512 * 2**20)  # the evaluation
+    window.exclude(1.0)
+    for _ in range(3):
+        window.add(torch.tensor(2.0))
+    faults = window.close(4, 1e-3, 0.5, 4000, 0.1, 0).metrics["worker_page_faults_per_step"]
+    assert faults < 32
