@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
 from pathlib import Path
 
 import pytest
 
 from support import (
     BLOCK,
+    SESSION_DIR,
     free_port,
     start_mlflow_server,
     start_s3_server,
@@ -24,7 +25,11 @@ S3_BUCKET = "gptdist-test"
 # The precision probe's per-machine cache (gptdist.precision_probe): tests
 # write their own, never the user's. Set before any Ray starts, so Ray
 # workers inherit it.
-os.environ.setdefault("GPTDIST_CACHE_DIR", tempfile.mkdtemp(prefix="gptdist-test-cache-"))
+os.environ.setdefault("GPTDIST_CACHE_DIR", str(SESSION_DIR / "cache"))
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -20,6 +20,10 @@ from pathlib import Path
 
 BLOCK = 64  # small blocks: a test epoch is a handful of steps
 
+# What the whole test session shares (the probes' cache, the MLflow store
+# template); conftest.py removes it when the session ends.
+SESSION_DIR = Path(tempfile.mkdtemp(prefix="gptdist-tests-"))
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -102,7 +106,8 @@ def store_template() -> Path:
     """A SQLite store MLflow created (its tables) once for the test session."""
     from mlflow.tracking import MlflowClient
 
-    template = Path(tempfile.mkdtemp(prefix="gptdist-test-store-")) / "mlflow.db"
+    template = SESSION_DIR / "store-template" / "mlflow.db"
+    template.parent.mkdir()
     MlflowClient(f"sqlite:///{template}").search_experiments()
     return template
 
