@@ -26,7 +26,7 @@ quickstart: setup
 train: quickstart
 
 test: setup
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=40 tests
 
 bench: setup
 	$(PY) -m bench --quick
