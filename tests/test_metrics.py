@@ -7,6 +7,16 @@ import math
 from gptdist.metrics import checked_peak, mfu
 
 
+def cpu_window():
+    """A metrics window of a 1-worker fp32 CPU run, 1,000 tokens a step."""
+    import torch
+
+    from gptdist.metrics_window import MetricsWindow
+
+    return MetricsWindow(tokens_per_step=1000, flops_per_token=10**6, world=1, device=torch.device("cpu"),
+                         precision="fp32", configured_peak=1e10)
+
+
 def test_mfu_never_exceeds_one():
     assert mfu(1000, 10**8, 2e11) == 0.5
     assert mfu(1000, 10**9, 2e11) == 1.0
@@ -43,12 +53,11 @@ def test_evaluation_and_checkpoint_time_is_not_step_time(monkeypatch):
     import torch
 
     from gptdist import metrics_window
-    from gptdist.metrics_window import MetricsWindow, report_line
+    from gptdist.metrics_window import report_line
 
     clock = [0.0]
     monkeypatch.setattr(metrics_window.time, "perf_counter", lambda: clock[0])
-    window = MetricsWindow(tokens_per_step=1000, flops_per_token=10**6, world=1, device=torch.device("cpu"),
-                           precision="fp32", configured_peak=1e10)
+    window = cpu_window()
 
     def steps(n: int, seconds_each: float):
         for _ in range(n):
@@ -93,11 +102,8 @@ def test_window_reports_the_page_faults_of_its_steps():
     transparent huge pages."""
     import torch
 
-    from gptdist.metrics_window import MetricsWindow
-
     size = 64 * 2**20
-    window = MetricsWindow(tokens_per_step=1000, flops_per_token=10**6, world=1, device=torch.device("cpu"),
-                           precision="fp32", configured_peak=1e10)
+    window = cpu_window()
     for _ in range(3):
         touch_fresh_memory(size)
         window.add(torch.tensor(2.0))
@@ -111,10 +117,7 @@ def test_page_faults_of_excluded_work_are_not_the_steps():
     memory, and their window does not count the evaluation's faults."""
     import torch
 
-    from gptdist.metrics_window import MetricsWindow
-
-    window = MetricsWindow(tokens_per_step=1000, flops_per_token=10**6, world=1, device=torch.device("cpu"),
-                           precision="fp32", configured_peak=1e10)
+    window = cpu_window()
     window.add(torch.tensor(2.0))
     window.close(1, 1e-3, 0.5, 1000, 0.1, 0)
     touch_fresh_memory(512 * 2**20)  # the evaluation
