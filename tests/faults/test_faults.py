@@ -20,6 +20,7 @@ from support import (DIRECT_INGEST, audited_rows, free_port, sqlite_store, start
 from gptdist.fault_injection import FaultHooks
 from gptdist.checkpoint import load_model_state, read_meta
 from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint, resolve_checkpoint
+from gptdist.config import load_config
 from gptdist.driver import train_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,15 +68,22 @@ def test_a_checkpoint_cut_short_is_never_resumed_from(tmp_path, tiny_dataset, re
     assert again == {step: ref_rows[step] for step in (4, 5)}
 
 
-def train_command(tmp_path: Path, data: Path, name: str) -> list[str]:
-    """`gptdist train --local` of a 12-step nano run, as a user types it."""
+def train_overrides(tmp_path: Path, data: Path, name: str) -> list[str]:
+    """A 12-step nano run whose workers read their rows directly (the
+    subject here is the command's signals and its MLflow run, not the data
+    path, which test_a_checkpoint_cut_short_is_never_resumed_from covers)."""
+    return ["model.preset=nano", "model.block_size=64", f"data.path={data}", DIRECT_INGEST,
+            "train.global_batch_size=8", "train.micro_batch_size=8", "train.max_steps=12",
+            "train.log_interval=1", "train.eval_interval=6", "train.eval_batches=1",
+            "train.checkpoint_interval=2", "train.sample_tokens=0", f"train.run_name={name}",
+            f"ray.storage_path={tmp_path / 'ray'}", f"tracking.uri={sqlite_store(tmp_path)}",
+            f"tracking.runs_dir={tmp_path}", "ray.local_num_cpus=2", "train.cpu_peak_flops=1.0e+11"]
+
+
+def train_command(overrides: list[str]) -> list[str]:
+    """`gptdist train --local` with these overrides, as a user types it."""
     args = [sys.executable, "-m", "gptdist.cli", "train", "--local"]
-    for kv in ["model.preset=nano", "model.block_size=64", f"data.path={data}",
-               "train.global_batch_size=8", "train.micro_batch_size=8", "train.max_steps=12",
-               "train.log_interval=1", "train.eval_interval=6", "train.eval_batches=1",
-               "train.checkpoint_interval=2", "train.sample_tokens=0", f"train.run_name={name}",
-               f"ray.storage_path={tmp_path / 'ray'}", f"tracking.uri={sqlite_store(tmp_path)}",
-               f"tracking.runs_dir={tmp_path}", "ray.local_num_cpus=2", "train.cpu_peak_flops=1.0e+11"]:
+    for kv in overrides:
         args += ["--set", kv]
     return args
 
@@ -87,15 +95,25 @@ def local_env() -> dict[str, str]:
 
 
 def start_and_wait_for_a_checkpoint(args: list[str], run_dir: Path, log: Path,
-                                    after_step: int = 0) -> subprocess.Popen:
-    """Start the command; return once it has a complete checkpoint later
-    than `after_step`."""
+                                    started_line: str) -> tuple[subprocess.Popen, int]:
+    """Start the command; once its output shows `started_line`, note the
+    latest complete checkpoint (0: none) and return the process and that
+    step when a later one is complete: one this command wrote (a command
+    SIGKILLed before may leave Ray workers that write one more checkpoint
+    before they notice their node is gone)."""
     proc = subprocess.Popen(args, cwd=REPO, env=local_env(), start_new_session=True,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    wait_for(lambda: any((p / "meta.json").exists() and checkpoint_step(p) > after_step
-                         for p in checkpoint_folders(run_dir)),
-             timeout_s=400, what=f"a checkpoint after step {after_step}")
-    return proc
+    wait_for(lambda: started_line in log.read_text() or proc.poll() is not None, timeout_s=400,
+             what=f"{started_line!r} in {log}")
+    before = latest_complete_step(run_dir)
+    wait_for(lambda: latest_complete_step(run_dir) > before or proc.poll() is not None,
+             timeout_s=400, what=f"a checkpoint after step {before}")
+    assert proc.poll() is None, log.read_text()[-3000:]
+    return proc, before
+
+
+def latest_complete_step(run_dir: Path) -> int:
+    return max((checkpoint_step(p) for p in checkpoint_folders(run_dir) if (p / "meta.json").exists()), default=0)
 
 
 def checkpoint_step(folder: Path) -> int:
@@ -114,43 +132,58 @@ NOISE = ["Reporting training result", "PreemptionWatcher", "Progress bars disabl
          "Token authentication is enabled", "Creating initial MLflow database tables", "Started a local Ray instance"]
 
 
-def assert_console_contract(stdout: str, stderr: str, max_steps: int) -> None:
-    """What `gptdist train --local` prints: where Ray's logs are, progress
-    lines with totals (without Ray's worker prefix), none of Ray's noise."""
-    assert "Ray ready in" in stdout and "its logs: /" in stdout, stdout[-2000:]
-    last = rf"^step {max_steps}/{max_steps} \| loss [\d.]+ \| val [\d.]+ \| lr \S+ \| [\d,]+ ms/step \| [\d,]+ tok/s \| mfu \S+ \| eta 0m00s$"
-    assert re.search(last, stdout, re.M), stdout[-2000:]
-    assert not [line for line in stdout.splitlines() if "(RayTrainWorker" in line and "step " in line], stdout[-2000:]
+PROGRESS = re.compile(r"^step +(\d+)/(\d+) \| loss [\d.]+ \| val (?:[\d.]+|-) \| lr \S+ \| [\d,]+ ms/step "
+                      r"\| [\d,]+ tok/s \| mfu \S+ \| eta \d+m\d\ds$")
+
+
+def assert_console_contract(output: str, max_steps: int) -> None:
+    """What `gptdist train --local` prints (stdout and stderr together):
+    where Ray's logs are, progress lines with totals (without Ray's worker
+    prefix), none of Ray's noise."""
+    assert "Ray ready in" in output and "its logs: /" in output, output[-2000:]
+    progress = [line for line in output.splitlines() if line.startswith("step ")]
+    assert progress and all(PROGRESS.match(line) for line in progress), progress
+    assert {PROGRESS.match(line).group(2) for line in progress} == {str(max_steps)}
+    assert not [line for line in output.splitlines() if "(RayTrainWorker" in line and "step " in line], output[-2000:]
     for noise in NOISE:
-        assert noise not in stdout + stderr, noise
+        assert noise not in output, noise
 
 
-def test_ctrl_c_then_kill_the_driver_then_resume(tmp_path, tiny_dataset):
-    """The same `gptdist train` command three times, as a user would:
-    Ctrl-C (SIGINT to the process group, as a terminal sends it) ends the
-    MLflow run KILLED and says it was interrupted, not FAILED; then SIGKILL
-    of the whole command mid-run; then the command resumes from the latest
-    checkpoint into the same MLflow run to FINISHED, every step logged once,
-    with no error or interruption tag left."""
-    args = train_command(tmp_path, tiny_dataset, "interrupted")
+def test_kill_the_driver_then_ctrl_c_then_resume(tmp_path, tiny_dataset, capsys):
+    """The same `gptdist train` command twice, as a user would. SIGKILL of
+    the whole command mid-run; then the command again: it resumes from the
+    latest checkpoint into the same MLflow run, each step logged once, until
+    Ctrl-C (SIGINT to the process group, as a terminal sends it) ends it with
+    exit code 130 and the MLflow run KILLED, tagged interrupted, not FAILED.
+    Then the same run once more, by the function the command calls (on the
+    test's Ray, a cold start less): FINISHED, steps 1..12 logged once each,
+    no error or interruption tag left."""
+    overrides = train_overrides(tmp_path, tiny_dataset, "interrupted")
+    args = train_command(overrides)
     run_dir = tmp_path / "ray" / "interrupted"
-    first = start_and_wait_for_a_checkpoint(args, run_dir, tmp_path / "first.log")
-    os.killpg(first.pid, signal.SIGINT)
-    assert first.wait(timeout=120) == 130, (tmp_path / "first.log").read_text()[-3000:]
+    first, _ = start_and_wait_for_a_checkpoint(args, run_dir, tmp_path / "first.log", "run interrupted:")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+
+    second, resumed_after = start_and_wait_for_a_checkpoint(args, run_dir, tmp_path / "second.log",
+                                                             "resuming MLflow run")
+    assert resumed_after > 0  # the first command left a checkpoint
+    os.killpg(second.pid, signal.SIGINT)
+    assert second.wait(timeout=120) == 130, (tmp_path / "second.log").read_text()[-3000:]
+    output = (tmp_path / "second.log").read_text()
+    assert "resuming MLflow run" in output, output[-3000:]
+    assert_console_contract(output, max_steps=12)
     client, run = the_only_run(tmp_path)
-    assert run.info.status == "KILLED", (tmp_path / "first.log").read_text()[-3000:]
+    assert run.info.status == "KILLED", output[-3000:]
     assert "interrupted" in run.data.tags["gptdist.interrupted"]
     assert "gptdist.error" not in run.data.tags
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] > resumed_after  # each step once, so far
 
-    interrupted_at = max(checkpoint_step(p) for p in checkpoint_folders(run_dir))
-    second = start_and_wait_for_a_checkpoint(args, run_dir, tmp_path / "second.log", after_step=interrupted_at)
-    os.killpg(second.pid, signal.SIGKILL)
-    second.wait()
-
-    third = subprocess.run(args, cwd=REPO, env=local_env(), capture_output=True, text=True, timeout=600)
-    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    assert "resuming MLflow run" in third.stdout
-    assert_console_contract(third.stdout, third.stderr, max_steps=12)
+    capsys.readouterr()
+    summary = train_main(load_config(overrides=overrides))
+    assert "resuming MLflow run" in capsys.readouterr().out
+    assert summary["step"] == 12 and summary["mlflow_run_id"] == run.info.run_id
     client, run = the_only_run(tmp_path)
     assert run.info.status == "FINISHED"
     assert "gptdist.interrupted" not in run.data.tags and "gptdist.error" not in run.data.tags
