@@ -189,6 +189,8 @@ def finish_training(cfg: Config, result, client, run_id) -> dict[str, Any]:
     }
     if client is not None:
         try:
+            for key, value in parameter_tags(summary["param_digests"] or []).items():
+                client.set_tag(run_id, key, value)
             log_final_artifacts(cfg, result, client, run_id)
         except Exception as e:  # the server went away mid-run: the model is safe on disk
             print(f"warning: could not finish MLflow run {run_id} ({e}); "
@@ -196,9 +198,27 @@ def finish_training(cfg: Config, result, client, run_id) -> dict[str, Any]:
     return summary
 
 
+def parameter_tags(digests: list[str]) -> dict[str, str]:
+    """The final parameters' sha256 (rank 0's), and whether every worker
+    ended with the same: DDP keeps them bit-identical, so "false" means the
+    replicas diverged. Runs trained alike end with the same digest."""
+    if not digests:
+        return {}
+    return {"gptdist.param_sha256": digests[0], "gptdist.workers_agree": str(len(set(digests)) == 1).lower()}
+
+
+def parameter_line(digests: list[str]) -> str:
+    if len(set(digests)) == 1:
+        return f"final parameters: sha256 {digests[0][:16]}, identical on all {len(digests)} worker(s)"
+    return ("warning: the workers ended with different parameters (sha256 by rank: "
+            + ", ".join(d[:16] for d in digests) + ")")
+
+
 def print_summary(cfg: Config, summary: dict[str, Any]) -> None:
     print()
     print(f"run {summary['run_name']} finished at step {summary['step']}")
+    if summary["param_digests"]:
+        print(parameter_line(summary["param_digests"]))
     if summary["val_loss"] is not None:
         print(f"final validation loss: {summary['val_loss']:.4f}")
     if summary["sample"]:

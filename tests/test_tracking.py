@@ -43,14 +43,20 @@ def probe_cache_dir(tmp_path_factory):
         yield folder
 
 
+SERVER_RUN = ["ray.num_workers=2", "train.precision=auto", "tracking.log_checkpoints=all", "train.cpu_peak_flops=null"]
+
+
 @pytest.fixture(scope="module")
-def server_run(tmp_path_factory, tiny_dataset, mlflow_server, probe_cache_dir):
+def server_run_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server-run")
+
+
+@pytest.fixture(scope="module")
+def server_run(server_run_dir, tiny_dataset, mlflow_server, probe_cache_dir):
     """2 workers as a user runs them: precision and the MFU peak measured
-    by the workers (`auto`), every checkpoint logged."""
-    tmp = tmp_path_factory.mktemp("server-run")
-    cfg = config(tmp, tiny_dataset, mlflow_server, "two-workers", "ray.num_workers=2", "train.precision=auto",
-                 "tracking.log_checkpoints=all", "train.cpu_peak_flops=null")
-    return train_main(cfg)
+    by the workers (`auto`), every checkpoint logged. 4 steps; the resume
+    test below trains it on to 6."""
+    return train_main(config(server_run_dir, tiny_dataset, mlflow_server, "two-workers", *SERVER_RUN))
 
 
 def test_two_worker_run_is_fully_logged(server_run, mlflow_server, tiny_dataset):
@@ -66,6 +72,9 @@ def test_two_worker_run_is_fully_logged(server_run, mlflow_server, tiny_dataset)
     assert tags["gptdist.device_type"] == "cpu"
     assert tags["gptdist.precision"] in ("fp32", "bf16") and tags["gptdist.world_size"] == "2"
     assert tags["gptdist.worker_keeps_freed_memory"] == "true"  # the malloc settings reached the workers
+    digests = server_run["param_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1] == tags["gptdist.param_sha256"]
+    assert tags["gptdist.workers_agree"] == "true"
     assert len(tags["gptdist.dataset_manifest_sha256"]) == 64
     # The data is the dataset's own record, not the config's default sources.
     manifest = json.loads((tiny_dataset / "manifest.json").read_text())
@@ -128,22 +137,23 @@ def test_auto_run_tags_its_attention_and_the_probe_timings(server_run, mlflow_se
                                   "precision": "bf16" if tags["gptdist.precision"] == "bf16" else "fp32"}
 
 
-def test_resumed_run_appends_to_the_same_mlflow_run(tmp_path, tiny_dataset, mlflow_server):
-    plain_malloc = "ray.worker_keeps_freed_memory=false"
-    first = config(tmp_path, tiny_dataset, mlflow_server, "resumed", "train.max_steps=2", "train.lr_decay_steps=4",
-                   plain_malloc)
-    a = train_main(first)
-    second = config(tmp_path, tiny_dataset, mlflow_server, "resumed", "train.lr_decay_steps=4", plain_malloc)
-    b = train_main(second)
-    assert a["mlflow_run_id"] == b["mlflow_run_id"]
+def test_resumed_run_appends_to_the_same_mlflow_run(server_run, server_run_dir, tiny_dataset, mlflow_server):
+    """The same command with more steps (and the glibc default malloc)
+    resumes the finished 4-step run from its step-4 checkpoint: one MLflow
+    run with steps 1-6 once each, its tags the resumed workers'."""
+    cfg = config(server_run_dir, tiny_dataset, mlflow_server, "two-workers", *SERVER_RUN, "train.max_steps=6",
+                 "ray.worker_keeps_freed_memory=false")
+    resumed = train_main(cfg)
+    assert resumed["mlflow_run_id"] == server_run["mlflow_run_id"] and resumed["step"] == 6
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("tracking-test")
-    same_name = client.search_runs([experiment.experiment_id], "tags.`gptdist.run_name` = 'resumed'")
-    assert len(same_name) == 1
-    steps = sorted(m.step for m in client.get_metric_history(b["mlflow_run_id"], "train/loss"))
-    assert steps == [1, 2, 3, 4]
-    assert same_name[0].info.status == "FINISHED"
-    assert same_name[0].data.tags["gptdist.worker_keeps_freed_memory"] == "false"
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`gptdist.run_name` = 'two-workers'")
+    assert run.info.status == "FINISHED"
+    for key in ("train/loss", "lr", "tokens_seen"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3, 4, 5, 6], key
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/loss")) == [2, 4, 6]
+    assert run.data.tags["gptdist.worker_keeps_freed_memory"] == "false"
+    assert len(client.list_artifacts(run.info.run_id, "checkpoints")) == 3
 
 
 def start_a_run_at_the_barrier(cfg, dataset: DatasetInfo, barrier, results) -> None:
@@ -207,19 +217,18 @@ def test_runs_table_lists_runs(server_run, mlflow_server, tmp_path, tiny_dataset
     cfg = config(tmp_path, tiny_dataset, mlflow_server, "unused")
     rows = run_rows(cfg)
     by_name = {r["name"]: r for r in rows}
-    assert {"two-workers", "resumed"} <= set(by_name)
     two = by_name["two-workers"]
     assert (two["n_layer"], two["n_head"], two["n_embd"]) == ("2", "2", "64")
-    assert two["status"] == "FINISHED" and two["steps"] == 4
+    assert two["status"] == "FINISHED" and two["steps"] == 6  # resumed to 6 by the test above
     client = MlflowClient(mlflow_server)
     final = max(client.get_metric_history(server_run["mlflow_run_id"], "val/loss"), key=lambda m: m.step).value
     assert two["val loss"] == pytest.approx(final)
     assert two["dataset"] == tiny_dataset.name
     table = format_table(rows)
-    assert "two-workers" in table and "resumed" in table and "val loss" in table and "dataset" in table
+    assert "two-workers" in table and "val loss" in table and "dataset" in table
     out = subprocess.run([sys.executable, "-m", "gptdist.cli", "runs", "--set", f"tracking.uri={mlflow_server}",
                           "--experiment", "tracking-test"], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0 and "two-workers" in out.stdout and "resumed" in out.stdout
+    assert out.returncode == 0 and "two-workers" in out.stdout
 
 
 def test_mlflow_ui_lists_runs_in_headless_chromium(server_run, mlflow_server):
