@@ -13,7 +13,7 @@ from data_pipeline.manifest import DatasetError
 from gptdist.fault_injection import FaultHooks
 from gptdist.checkpoint import load_model_state
 from gptdist.config import ConfigError, load_config
-from gptdist.driver import CONTROLLER_POLL_ENV, train_main
+from gptdist.driver import CONTROLLER_POLL_ENV, parameter_line, parameter_tags, train_main
 from gptdist.preflight import check_memory, resolve_micro_batch
 
 from support import audited_rows, tiny_config as make_config
@@ -41,6 +41,16 @@ def test_two_workers_loss_falls_and_ranks_agree(reference_run):
     from ray.train.v2._internal.constants import get_env_vars_to_propagate
 
     assert get_env_vars_to_propagate()[CONTROLLER_POLL_ENV] == "0.25"
+
+
+def test_the_summary_says_whether_the_workers_ended_with_the_same_parameters():
+    same, other = "a" * 64, "b" * 64
+    assert parameter_tags([same, same]) == {"gptdist.param_sha256": same, "gptdist.workers_agree": "true"}
+    assert parameter_tags([same, other]) == {"gptdist.param_sha256": same, "gptdist.workers_agree": "false"}
+    assert parameter_tags([]) == {}
+    assert parameter_line([same, same]) == f"final parameters: sha256 {same[:16]}, identical on all 2 worker(s)"
+    assert parameter_line([same, other]).startswith("warning: the workers ended with different parameters")
+    assert other[:16] in parameter_line([same, other])
 
 
 def test_a_failed_run_resumes_exactly_on_another_worker_count(tmp_path, tiny_dataset, reference_run):
