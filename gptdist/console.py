@@ -33,7 +33,7 @@ NOISE = re.compile("|".join([
     r"Ray deduplicates logs by default",
 ]))
 # gptdist's own worker lines (train_loop): printed without Ray's prefix.
-OWN_LINE = re.compile(r"(step +\d+/\d+ \||precision (auto|fp32|bf16)|checkpoint \S+ is incomplete)")
+OWN_LINE = re.compile(r"(step +\d+/\d+ \||precision (auto|fp32|bf16)|attention auto:|checkpoint \S+ is incomplete)")
 RAY_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)*\([^)]*pid=[^)]*\)(?:\x1b\[[0-9;]*m)* ")
 # Driver-side loggers whose INFO lines are Ray's and MLflow's housekeeping.
 QUIET_LOGGERS = {

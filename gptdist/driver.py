@@ -208,8 +208,11 @@ def parameter_tags(digests: list[str]) -> dict[str, str]:
 
 
 def parameter_line(digests: list[str]) -> str:
+    line = f"final parameters: sha256 {digests[0][:16]}"
+    if len(digests) == 1:
+        return line
     if len(set(digests)) == 1:
-        return f"final parameters: sha256 {digests[0][:16]}, identical on all {len(digests)} worker(s)"
+        return f"{line}, identical on all {len(digests)} workers"
     return ("warning: the workers ended with different parameters (sha256 by rank: "
             + ", ".join(d[:16] for d in digests) + ")")
 

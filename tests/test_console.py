@@ -34,6 +34,9 @@ def test_noise_lines_are_dropped():
 def test_gptdist_worker_lines_lose_rays_prefix_and_others_keep_it():
     step = "step 3/6 | loss 10.7711 | val 10.7076 | lr 2.73e-04 | 1,455 ms/step | 352 tok/s | mfu 0.4% | eta 0m04s"
     assert keep(f"{CYAN}(RayTrainWorker pid=29207){RESET} {step}") == step
+    for own in ("precision auto: fp32 (this model's matmuls, 2 threads, cached: fp32 66 GFLOP/s, ...)",
+                "attention auto: matmul (one layer forward + backward, cached: SDPA 103.9 ms, matmuls 71.7 ms; ...)"):
+        assert keep(f"{CYAN}(RayTrainWorker pid=28149){RESET} {own}") == own
     error = f"{CYAN}(RayTrainWorker pid=29207){RESET} Error in training function:"
     assert keep(error) == error
     assert keep("run noise1 finished at step 6") == "run noise1 finished at step 6"

@@ -48,7 +48,8 @@ def test_the_summary_says_whether_the_workers_ended_with_the_same_parameters():
     assert parameter_tags([same, same]) == {"gptdist.param_sha256": same, "gptdist.workers_agree": "true"}
     assert parameter_tags([same, other]) == {"gptdist.param_sha256": same, "gptdist.workers_agree": "false"}
     assert parameter_tags([]) == {}
-    assert parameter_line([same, same]) == f"final parameters: sha256 {same[:16]}, identical on all 2 worker(s)"
+    assert parameter_line([same]) == f"final parameters: sha256 {same[:16]}"
+    assert parameter_line([same, same]) == f"final parameters: sha256 {same[:16]}, identical on all 2 workers"
     assert parameter_line([same, other]).startswith("warning: the workers ended with different parameters")
     assert other[:16] in parameter_line([same, other])
 
