@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import RunTag
 import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -189,8 +190,8 @@ def finish_training(cfg: Config, result, client, run_id) -> dict[str, Any]:
     }
     if client is not None:
         try:
-            for key, value in parameter_tags(summary["param_digests"] or []).items():
-                client.set_tag(run_id, key, value)
+            tags = parameter_tags(summary["param_digests"])
+            client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
             log_final_artifacts(cfg, result, client, run_id)
         except Exception as e:  # the server went away mid-run: the model is safe on disk
             print(f"warning: could not finish MLflow run {run_id} ({e}); "
@@ -198,20 +199,24 @@ def finish_training(cfg: Config, result, client, run_id) -> dict[str, Any]:
     return summary
 
 
-def parameter_tags(digests: list[str]) -> dict[str, str]:
-    """The final parameters' sha256 (rank 0's), and whether every worker
-    ended with the same: DDP keeps them bit-identical, so "false" means the
-    replicas diverged. Runs trained alike end with the same digest."""
+def workers_agree(digests: list[str]) -> bool:
+    """DDP keeps every rank's parameters bit-identical: False means the replicas diverged."""
+    return len(set(digests)) == 1
+
+
+def parameter_tags(digests: list[str] | None) -> dict[str, str]:
+    """The final parameters' sha256 (rank 0's; runs trained alike end with
+    the same), and whether every worker ended with the same."""
     if not digests:
         return {}
-    return {"gptdist.param_sha256": digests[0], "gptdist.workers_agree": str(len(set(digests)) == 1).lower()}
+    return {"gptdist.param_sha256": digests[0], "gptdist.workers_agree": str(workers_agree(digests)).lower()}
 
 
 def parameter_line(digests: list[str]) -> str:
     line = f"final parameters: sha256 {digests[0][:16]}"
     if len(digests) == 1:
         return line
-    if len(set(digests)) == 1:
+    if workers_agree(digests):
         return f"{line}, identical on all {len(digests)} workers"
     return ("warning: the workers ended with different parameters (sha256 by rank: "
             + ", ".join(d[:16] for d in digests) + ")")
