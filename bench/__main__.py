@@ -23,7 +23,7 @@ from bench import bench_data, small_commands, train_speed
 from gptdist.attention_probe import MATMUL_MARGIN, AttentionShape, probe_attention
 from gptdist.metrics import measure_cpu_peak_flops
 from gptdist.model import preset
-from gptdist.precision_probe import BF16_MARGIN, Matmul, ProbeResult, model_matmuls, probe_precision
+from gptdist.precision_probe import BF16_MARGIN, model_matmuls
 from gptdist.ray_session import shutdown_ray, start_local_ray
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,12 +77,6 @@ def setting_precision(key: str) -> str:
     return "bf16" if key.startswith("bf16") else "fp32"
 
 
-def probe_precision_on_threads(matmuls: list[Matmul], threads: int) -> ProbeResult:
-    """The precision probe, uncached, on `threads` torch threads (for in_child)."""
-    torch.set_num_threads(threads)
-    return probe_precision(matmuls, cache=None)
-
-
 def timed_steps(quick: bool, preset_name: str) -> int:
     """Steps timed per run after the warm-up. `micro` steps take under a
     second, so quick mode times ten of them: three windows were too few to
@@ -101,7 +95,7 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     # fp32 read 113 GFLOP/s there against 182-194 in such a process.
     torch.set_num_threads(threads)
     matmuls = model_matmuls(preset("mini", block_size=train_speed.BLOCK), train_speed.BATCH, chunked_loss=True)
-    probe = train_speed.in_child(probe_precision_on_threads, matmuls, threads, worker_malloc=True)
+    probe = train_speed.in_child(train_speed.probe_precision_on_threads, matmuls, threads, worker_malloc=True)
     print(probe.summary(), flush=True)
     fast_bf16 = probe.precision == "bf16"
     peaks = train_speed.matmul_peaks(threads, fast_bf16)

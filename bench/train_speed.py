@@ -21,6 +21,7 @@ from gptdist.config import load_config
 from gptdist.driver import WORKER_MALLOC_ENV
 from gptdist.metrics import measure_cpu_peak_flops
 from gptdist.model import GPT, compile_gpt, preset
+from gptdist.precision_probe import Matmul, ProbeResult, probe_precision
 from gptdist.train_step import build_optimizer, optimizer_step
 
 BATCH, BLOCK = 8, 512
@@ -94,6 +95,13 @@ def plain_loop_in_child(*args, **kwargs) -> dict:
     """`plain_loop` in a fresh process: its full-logits step peaks at about
     4 GB, which would otherwise count as the driver's peak RSS below."""
     return in_child(plain_loop, *args, **kwargs)
+
+
+def probe_precision_on_threads(matmuls: list[Matmul], threads: int) -> ProbeResult:
+    """The precision probe, uncached, on `threads` torch threads: for
+    in_child, which pickles the function by its module's name."""
+    torch.set_num_threads(threads)
+    return probe_precision(matmuls, cache=None)
 
 
 def in_child(fn, *args, worker_malloc: bool = False, **kwargs):
