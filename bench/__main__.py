@@ -90,9 +90,9 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     threads = os.cpu_count() or 1
     # What `train.precision: auto` would choose for a 1-worker mini run (the
     # chunked loss, as on CPU workers), measured afresh (not from the cache)
-    # in a process started as a worker is: in the bench's own process the
-    # fp32 outputs are faulted in afresh each call, and on a Zen-5 EPYC
-    # fp32 read 113 GFLOP/s there against 182-194 in such a process.
+    # in a process started as a worker is, where the workers measure it. On a
+    # Zen-5 EPYC fp32 read 113 GFLOP/s in the bench's own process, 163-167 in
+    # a fresh one on glibc's malloc defaults and 182-194 in such a process.
     torch.set_num_threads(threads)
     matmuls = model_matmuls(preset("mini", block_size=train_speed.BLOCK), train_speed.BATCH, chunked_loss=True)
     probe = train_speed.in_child(train_speed.probe_precision_on_threads, matmuls, threads, worker_malloc=True)
