@@ -1,5 +1,8 @@
 """The benchmark's report arithmetic (pure functions; the benchmark itself
-is run by `make bench`, not by the tests)."""
+is run by `make bench`, not by the tests), and how it starts the process
+its precision probe runs in."""
+
+import os
 
 from bench.__main__ import paired_row, row
 
@@ -89,3 +92,19 @@ def test_cpu_kind_names_the_vendor_and_the_matmul_instructions():
     assert cpu_kind(cpuinfo("GenuineIntel", "avx2 avx512f avx512_bf16 amx_bf16 amx_tile")) == "intel-amx"
     assert cpu_kind(cpuinfo("AuthenticAMD", "sse4_2 avx2 fma")) == "amd-avx2"
     assert cpu_kind(cpuinfo("SomeVendor", "sse4_2")) == "other"
+
+
+def test_the_precision_probe_runs_in_a_process_started_as_a_worker_is():
+    """The bench's probe row comes from a spawned process with the workers'
+    malloc settings: the probe measures there, uncached, and the settings
+    reach that process."""
+    from bench import train_speed
+    from gptdist.precision_probe import Matmul
+    from gptdist.worker_contract import WORKER_MALLOC_ENV
+
+    result = train_speed.in_child(train_speed.probe_precision_on_threads, [Matmul(64, 32, 48, 1)], 1,
+                                  worker_malloc=True)
+    assert result.precision in ("fp32", "bf16") and result.fp32_flops > 0 and result.bf16_flops > 0
+    assert not result.cached
+    assert train_speed.in_child(os.getenv, "MALLOC_ARENA_MAX", worker_malloc=True) == \
+        WORKER_MALLOC_ENV["MALLOC_ARENA_MAX"]
