@@ -108,3 +108,12 @@ def test_the_precision_probe_runs_in_a_process_started_as_a_worker_is():
     assert not result.cached
     assert train_speed.in_child(os.getenv, "MALLOC_ARENA_MAX", worker_malloc=True) == \
         WORKER_MALLOC_ENV["MALLOC_ARENA_MAX"]
+
+
+def test_default_pairs_name_their_file_by_the_settings_changed():
+    from bench.default_pairs import settings_suffix
+
+    assert settings_suffix([]) == ""
+    assert settings_suffix(["train.precision=fp32"]) == "-precision-fp32"
+    assert settings_suffix(["train.precision=fp32", "train.attention=sdpa"]) == "-precision-fp32-attention-sdpa"
+    assert settings_suffix(["data.path=/a b/c"]) == "-path-_a_b_c"
