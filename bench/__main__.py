@@ -93,7 +93,6 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     # in a process started as a worker is, where the workers measure it. On a
     # Zen-5 EPYC fp32 read 113 GFLOP/s in the bench's own process, 163-167 in
     # a fresh one on glibc's malloc defaults and 182-194 in such a process.
-    torch.set_num_threads(threads)
     matmuls = model_matmuls(preset("mini", block_size=train_speed.BLOCK), train_speed.BATCH, chunked_loss=True)
     probe = train_speed.in_child(train_speed.probe_precision_on_threads, matmuls, threads, worker_malloc=True)
     print(probe.summary(), flush=True)
