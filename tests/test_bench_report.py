@@ -4,13 +4,20 @@ its precision probe runs in."""
 
 import os
 
-from bench.__main__ import paired_row, row
+from bench.__main__ import paired_row, row, speed_target
 
 
 def test_row_ratio_and_target():
     assert row("x", 130.0, 100.0, 1.3)["met"] is True
     assert row("x", 129.0, 100.0, 1.3)["met"] is False
     assert row("x", 5.0, unit="s", at_most=4.0)["met"] is False
+
+
+def test_only_the_default_precision_is_held_to_a_target():
+    assert speed_target("bf16", "bf16") == 2.0
+    assert speed_target("fp32", "fp32") == 1.3  # fp32 runs (and fp32+compile) where fp32 is the faster
+    assert speed_target("fp32", "bf16") is None  # the fp32 path on a fast-bf16 CPU: shown, not judged
+    assert row("x", 110.0, 100.0, speed_target("fp32", "bf16"))["met"] is None
 
 
 def test_paired_row_is_the_mean_of_the_pairs_ratios():
