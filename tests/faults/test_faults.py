@@ -22,6 +22,7 @@ from gptdist.checkpoint import load_model_state, read_meta
 from gptdist.checkpoint_source import checkpoint_folders, latest_ray_checkpoint, resolve_checkpoint
 from gptdist.config import load_config
 from gptdist.driver import train_main
+from gptdist.tracking import last_logged_step
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -121,6 +122,12 @@ def checkpoint_step(folder: Path) -> int:
     return int(folder.name.rsplit("_", 1)[1])
 
 
+def logged_through(tmp_path: Path) -> int:
+    """The highest training step in the test's MLflow run so far."""
+    client, run = the_only_run(tmp_path)
+    return last_logged_step(client, run.info.run_id)
+
+
 def the_only_run(tmp_path: Path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("gptdist").experiment_id])
@@ -168,6 +175,10 @@ def test_kill_the_driver_then_ctrl_c_then_resume(tmp_path, tiny_dataset, capsys)
     second, resumed_after = start_and_wait_for_a_checkpoint(args, run_dir, tmp_path / "second.log",
                                                              "resuming MLflow run")
     assert resumed_after > 0  # the first command left a checkpoint
+    # A checkpoint folder is complete before the Train controller takes its
+    # report (and logs it to MLflow): Ctrl-C once a later step is logged.
+    wait_for(lambda: logged_through(tmp_path) > resumed_after or second.poll() is not None, timeout_s=400,
+             what=f"a step after {resumed_after} in the MLflow run")
     os.killpg(second.pid, signal.SIGINT)
     assert second.wait(timeout=120) == 130, (tmp_path / "second.log").read_text()[-3000:]
     output = (tmp_path / "second.log").read_text()
