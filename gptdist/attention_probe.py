@@ -99,9 +99,9 @@ def probe_attention(shape: AttentionShape, cache: Path | None,
     """SDPA against the matmuls at `shape`, from `cache` when it holds this
     machine's timings for it, else measured (and stored there).
     `cache=None` always measures and stores nothing."""
-    # The matmul path's query block is part of the key: timings of another
-    # implementation are not reused.
-    key = {"attention": asdict(shape), "matmul_query_block": QUERY_BLOCK}
+    # The matmul path's query block and backward are part of the key: timings
+    # of another implementation are not reused.
+    key = {"attention": asdict(shape), "matmul_query_block": QUERY_BLOCK, "matmul_backward": "blocked"}
     sdpa_s, matmul_s, cached = cached_pair(cache, key, ("sdpa_s", "matmul_s"),
                                            lambda: measure(shape))
     return AttentionProbe(choose_attention(sdpa_s, matmul_s), sdpa_s, matmul_s, cached)
