@@ -111,6 +111,7 @@ class BlockedCausalAttention(torch.autograd.Function):
             end = min(start + QUERY_BLOCK, T)
             g = grad_out[:, start:end]
             grad_v[:, :end].baddbmm_(block.transpose(1, 2), g)
+            # Softmax's own fused backward, the op autograd calls for torch.softmax.
             grad_scores = torch._softmax_backward_data(torch.bmm(g, v[:, :end].transpose(1, 2)), block, -1, block.dtype)
             grad_q[:, start:end] = torch.bmm(grad_scores, k[:, :end]).mul_(D ** -0.5)
             grad_k[:, :end].baddbmm_(grad_scores.transpose(1, 2), q[:, start:end], alpha=D ** -0.5)
