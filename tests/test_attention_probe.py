@@ -45,6 +45,18 @@ def test_matmul_attention_computes_what_sdpa_does(positions):
     torch.testing.assert_close(outputs[1][:, :, 0], v[:, :, 0])
 
 
+def test_matmul_attention_with_dropout_drops_and_differentiates():
+    """With dropout the blocks go through autograd (the own backward has no
+    mask): probabilities are dropped (the output moves from the one without
+    dropout) and gradients still reach q, k and v."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 2 * QUERY_BLOCK, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    dropped = matmul_attention(q, k, v, dropout_p=0.5)
+    assert not torch.allclose(dropped, matmul_attention(q, k, v))
+    for grad in torch.autograd.grad(dropped.sum(), (q, k, v)):
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 def test_a_model_trains_and_samples_the_same_with_either_attention():
     config = preset("nano", block_size=32)
     tokens = torch.randint(0, config.vocab_size, (2, 33))
