@@ -64,14 +64,24 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
 def blocked_attention_autograd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """The same blocks with dropout on the probabilities, differentiated by
     autograd (which BlockedCausalAttention's own backward has no mask for)."""
-    T, D = q.shape[1:]
-    bias = causal_bias(T, q.dtype, q.device)
     blocks = []
-    for start in range(0, T, QUERY_BLOCK):
-        end = min(start + QUERY_BLOCK, T)
-        scores = torch.baddbmm(bias[start:end, :end], q[:, start:end], k[:, :end].transpose(1, 2), alpha=D ** -0.5)
+    for start, end in query_blocks(q.shape[1]):
+        scores = block_scores(q, k, start, end)
         blocks.append(torch.bmm(F.dropout(torch.softmax(scores, dim=-1), dropout_p), v[:, :end]))
     return torch.cat(blocks, dim=1)
+
+
+def query_blocks(T: int) -> list[tuple[int, int]]:
+    """(start, end) of each block of QUERY_BLOCK queries among T positions."""
+    return [(start, min(start + QUERY_BLOCK, T)) for start in range(0, T, QUERY_BLOCK)]
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Scaled scores of queries start..end against keys 0..end, -inf above
+    the diagonal: (B·H, end - start, end)."""
+    T, D = q.shape[1:]
+    bias = causal_bias(T, q.dtype, q.device)
+    return torch.baddbmm(bias[start:end, :end], q[:, start:end], k[:, :end].transpose(1, 2), alpha=D ** -0.5)
 
 
 class BlockedCausalAttention(torch.autograd.Function):
@@ -88,13 +98,10 @@ class BlockedCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        T, D = q.shape[1:]
-        bias = causal_bias(T, q.dtype, q.device)
         out = torch.empty_like(q)
         probs = []
-        for start in range(0, T, QUERY_BLOCK):
-            end = min(start + QUERY_BLOCK, T)
-            block = torch.baddbmm(bias[start:end, :end], q[:, start:end], k[:, :end].transpose(1, 2), alpha=D ** -0.5)
+        for start, end in query_blocks(q.shape[1]):
+            block = block_scores(q, k, start, end)
             torch.softmax(block, dim=-1, out=block)
             out[:, start:end] = torch.bmm(block, v[:, :end])
             probs.append(block)
@@ -104,17 +111,16 @@ class BlockedCausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, *probs = ctx.saved_tensors
-        T, D = q.shape[1:]
+        scale = q.shape[2] ** -0.5
         grad_out = grad_out.contiguous()
         grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for block, start in zip(probs, range(0, T, QUERY_BLOCK)):
-            end = min(start + QUERY_BLOCK, T)
+        for block, (start, end) in zip(probs, query_blocks(q.shape[1])):
             g = grad_out[:, start:end]
             grad_v[:, :end].baddbmm_(block.transpose(1, 2), g)
             # Softmax's own fused backward, the op autograd calls for torch.softmax.
             grad_scores = torch._softmax_backward_data(torch.bmm(g, v[:, :end].transpose(1, 2)), block, -1, block.dtype)
-            grad_q[:, start:end] = torch.bmm(grad_scores, k[:, :end]).mul_(D ** -0.5)
-            grad_k[:, :end].baddbmm_(grad_scores.transpose(1, 2), q[:, start:end], alpha=D ** -0.5)
+            grad_q[:, start:end] = torch.bmm(grad_scores, k[:, :end]).mul_(scale)
+            grad_k[:, :end].baddbmm_(grad_scores.transpose(1, 2), q[:, start:end], alpha=scale)
         return grad_q, grad_k, grad_v
 
 
