@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from dataclasses import asdict
@@ -23,7 +24,7 @@ from bench import bench_data, small_commands, train_speed
 from gptdist.attention_probe import MATMUL_MARGIN, AttentionShape, probe_attention
 from gptdist.metrics import measure_cpu_peak_flops
 from gptdist.model import preset
-from gptdist.precision_probe import BF16_MARGIN, model_matmuls
+from gptdist.precision_probe import BF16_MARGIN, isa_caps, model_matmuls
 from gptdist.ray_session import shutdown_ray, start_local_ray
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -353,15 +354,26 @@ def main() -> None:
 
 def machine_record() -> dict:
     """The head of every result file: when, where and on what CPU."""
-    return {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-            "cpu": cpu_description(), "cpu_identity": cpu_identity()}
+    record = {"date": datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
+              "cpu": cpu_description(), "cpu_identity": cpu_identity()}
+    return {**record, "isa_caps": caps} if (caps := isa_caps()) else record
 
 
 def result_path(suffix: str = "") -> Path:
-    """bench/results/<date>-<host>-<cpu kind><suffix>.json, not yet taken.
-    Named by CPU kind too: two VMs of one host name had different CPUs."""
+    """bench/results/<date>-<host>-<cpu kind><caps><suffix>.json, not yet
+    taken. Named by CPU kind too: two VMs of one host name had different
+    CPUs; and by the instruction-set caps in force, if any."""
     RESULTS.mkdir(exist_ok=True)
-    return unused_path(RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{cpu_kind()}{suffix}.json")
+    kind = f"{cpu_kind()}{isa_caps_suffix(isa_caps())}"
+    return unused_path(RESULTS / f"{datetime.now():%Y-%m-%d}-{platform.node()}-{kind}{suffix}.json")
+
+
+def isa_caps_suffix(caps: dict[str, str]) -> str:
+    """`-onednn-avx512_core_bf16` for ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16: a
+    run with oneDNN kept off AMX stands in for an Intel CPU without it."""
+    short = {"ONEDNN_MAX_CPU_ISA": "onednn", "DNNL_MAX_CPU_ISA": "onednn", "MKL_ENABLE_INSTRUCTIONS": "mkl",
+             "ATEN_CPU_CAPABILITY": "aten"}
+    return "".join(f"-{short[name]}-{re.sub(r'[^a-z0-9_]+', '_', value.lower())}" for name, value in caps.items())
 
 
 def unused_path(path: Path) -> Path:

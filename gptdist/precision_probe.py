@@ -52,6 +52,13 @@ BF16_MARGIN = 1.1
 # remaining shapes are then timed in fp32 only.
 BF16_HOPELESS = 10.0
 
+# Settings that cap the instructions the kernels use: oneDNN's (bf16
+# matmuls; AVX512_CORE_BF16 hides AMX, and bf16 then read 176 GFLOP/s
+# against fp32's 200-250 on a Xeon whose AMX gave 1,100-1,300), MKL's (fp32
+# matmuls) and PyTorch's own vectorized kernels. The same CPU with another
+# cap is another machine to the probes.
+ISA_CAP_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
 
 @dataclass(frozen=True)
 class Matmul:
@@ -211,10 +218,16 @@ def cache_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def isa_caps() -> dict[str, str]:
+    """The instruction-set caps (ISA_CAP_ENV) set in this process's environment."""
+    return {name: os.environ[name] for name in ISA_CAP_ENV if os.environ.get(name)}
+
+
 def machine_identity() -> dict:
     """CPU model name and flags, torch version and thread count: hosts of
     one name can differ in flags, and a thread more or less changes the
-    figures."""
+    figures. Instruction-set caps are named only when set, so that the
+    entries of an uncapped machine keep their keys."""
     fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -223,8 +236,9 @@ def machine_identity() -> dict:
     except OSError:
         pass
     model, flags = fields.get("model name") or platform.processor(), fields.get("flags", "")
-    return {"cpu": model, "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    identity = {"cpu": model, "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
+                "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {**identity, "isa_caps": caps} if (caps := isa_caps()) else identity
 
 
 def read_cache(path: Path) -> dict:

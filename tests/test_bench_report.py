@@ -101,6 +101,14 @@ def test_cpu_kind_names_the_vendor_and_the_matmul_instructions():
     assert cpu_kind(cpuinfo("SomeVendor", "sse4_2")) == "other"
 
 
+def test_result_files_name_the_instruction_set_caps():
+    from bench.__main__ import isa_caps_suffix
+
+    assert isa_caps_suffix({}) == ""
+    assert isa_caps_suffix({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}) == "-onednn-avx512_core_bf16"
+    assert isa_caps_suffix({"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}) == "-mkl-avx2-aten-avx2"
+
+
 def test_the_precision_probe_runs_in_a_process_started_as_a_worker_is():
     """The bench's probe row comes from a spawned process with the workers'
     malloc settings: the probe measures there, uncached, and the settings

@@ -46,6 +46,24 @@ def test_cached_figures_are_reused(tmp_path):
     assert len(json.loads(cache.read_text())) == 2  # one entry per shape set
 
 
+def test_an_instruction_set_cap_is_another_machine(tmp_path, monkeypatch):
+    """With oneDNN kept off AMX (ONEDNN_MAX_CPU_ISA) bf16 matmuls run at a
+    fraction of their speed: the figures of the uncapped CPU must not be
+    reused, nor the capped ones once the cap is gone."""
+    cache = tmp_path / "precision-probe.json"
+    for name in precision_probe.ISA_CAP_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert probe_precision(SHAPES, cache, FixedMeasure(100e9, 1000e9)).precision == "bf16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    capped = probe_precision(SHAPES, cache, FixedMeasure(200e9, 170e9))
+    assert capped == ProbeResult("fp32", 200e9, 170e9, cached=False)
+    assert probe_precision(SHAPES, cache, FixedMeasure(1, 1)) == ProbeResult("fp32", 200e9, 170e9, cached=True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert probe_precision(SHAPES, cache, FixedMeasure(1, 1)) == ProbeResult("bf16", 100e9, 1000e9, cached=True)
+    caps = sorted(json.dumps(e.get("isa_caps")) for e in json.loads(cache.read_text()).values())
+    assert caps == ["null", '{"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}']
+
+
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", ""])
 def test_corrupt_cache_is_measured_and_rewritten(tmp_path, content):
     cache = tmp_path / "precision-probe.json"
