@@ -30,10 +30,20 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 ATTENTION_KINDS = ("sdpa", "matmul")
 
 
-@functools.lru_cache(maxsize=8)
 def causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(T, T): 0 where a query may see a key, -inf above the diagonal."""
+    """(T, T): 0 where a query may see a key, -inf above the diagonal; made
+    once per shape in eager mode. Under `torch.compile` it is built in the
+    graph (Dynamo traces through a cache and warns about it at every compile)."""
+    if torch.compiler.is_compiling():
+        return new_causal_bias(T, dtype, device)
+    return cached_causal_bias(T, dtype, device)
+
+
+def new_causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu(1)
+
+
+cached_causal_bias = functools.lru_cache(maxsize=8)(new_causal_bias)
 
 
 # Query rows per block of `matmul_attention`: the block of queries s..e

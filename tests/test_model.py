@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -188,21 +189,27 @@ def test_chunked_loss_of_a_target_far_below_the_rest_is_exact(dtype):
     assert torch.allclose(weight.grad.float(), ref_weight.grad.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
-def test_compiled_model_leaves_the_chunked_loss_eager_and_matches():
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+def test_compiled_model_leaves_the_chunked_loss_eager_and_matches(attention):
     """compile_gpt: torch.compile traces the model but not the chunked loss
-    (a graph break there), and loss and gradients equal the eager model's.
-    Dynamo's eager backend keeps the test quick; inductor traces the same
-    graphs."""
+    (a graph break there), and loss and gradients equal the eager model's,
+    with either attention, and without Dynamo's warning about tracing
+    through a cached function. Dynamo's eager backend keeps the test quick;
+    inductor traces the same graphs."""
     import torch._dynamo
 
     torch.manual_seed(0)
-    config = preset("nano", block_size=32)
-    eager, compiled = GPT(config, chunked_loss=True), GPT(config, chunked_loss=True)
+    config = preset("nano", block_size=256)  # two query blocks of the matmul attention
+    eager = GPT(config, chunked_loss=True, attention=attention)
+    compiled = GPT(config, chunked_loss=True, attention=attention)
     compiled.load_state_dict(eager.state_dict())
-    idx = torch.randint(0, 50257, (2, 32))
+    idx = torch.randint(0, 50257, (2, 256))
     wrapped = compile_gpt(compiled, backend="eager")
     torch._dynamo.reset()
-    breaks = torch._dynamo.explain(compiled)(idx, targets=idx).break_reasons
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        breaks = torch._dynamo.explain(compiled)(idx, targets=idx).break_reasons
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
     assert breaks and all("disable" in str(b.reason) for b in breaks), breaks
     assert not [f for b in breaks for f in b.user_stack if f.filename == lm_loss.__file__], breaks
     losses = []
