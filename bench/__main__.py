@@ -373,7 +373,8 @@ def isa_caps_suffix(caps: dict[str, str]) -> str:
     run with oneDNN kept off AMX stands in for an Intel CPU without it."""
     short = {"ONEDNN_MAX_CPU_ISA": "onednn", "DNNL_MAX_CPU_ISA": "onednn", "MKL_ENABLE_INSTRUCTIONS": "mkl",
              "ATEN_CPU_CAPABILITY": "aten"}
-    return "".join(f"-{short[name]}-{re.sub(r'[^a-z0-9_]+', '_', value.lower())}" for name, value in caps.items())
+    return "".join(f"-{short.get(name, name.lower())}-{re.sub(r'[^a-z0-9_]+', '_', value.lower())}"
+                   for name, value in caps.items())
 
 
 def unused_path(path: Path) -> Path:
