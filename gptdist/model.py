@@ -75,8 +75,9 @@ def blocked_attention_autograd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """The same blocks with dropout on the probabilities, differentiated by
     autograd (which BlockedCausalAttention's own backward has no mask for)."""
     blocks = []
+    bias = causal_bias(q.shape[1], q.dtype, q.device)
     for start, end in query_blocks(q.shape[1]):
-        scores = block_scores(q, k, start, end)
+        scores = block_scores(q, k, bias, start, end)
         blocks.append(torch.bmm(F.dropout(torch.softmax(scores, dim=-1), dropout_p), v[:, :end]))
     return torch.cat(blocks, dim=1)
 
@@ -86,12 +87,10 @@ def query_blocks(T: int) -> list[tuple[int, int]]:
     return [(start, min(start + QUERY_BLOCK, T)) for start in range(0, T, QUERY_BLOCK)]
 
 
-def block_scores(q: torch.Tensor, k: torch.Tensor, start: int, end: int) -> torch.Tensor:
+def block_scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, start: int, end: int) -> torch.Tensor:
     """Scaled scores of queries start..end against keys 0..end, -inf above
-    the diagonal: (B·H, end - start, end)."""
-    T, D = q.shape[1:]
-    bias = causal_bias(T, q.dtype, q.device)
-    return torch.baddbmm(bias[start:end, :end], q[:, start:end], k[:, :end].transpose(1, 2), alpha=D ** -0.5)
+    the diagonal (`bias`, causal_bias of the whole sequence): (B·H, end - start, end)."""
+    return torch.baddbmm(bias[start:end, :end], q[:, start:end], k[:, :end].transpose(1, 2), alpha=q.shape[2] ** -0.5)
 
 
 class BlockedCausalAttention(torch.autograd.Function):
@@ -110,8 +109,9 @@ class BlockedCausalAttention(torch.autograd.Function):
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(q)
         probs = []
+        bias = causal_bias(q.shape[1], q.dtype, q.device)
         for start, end in query_blocks(q.shape[1]):
-            block = block_scores(q, k, start, end)
+            block = block_scores(q, k, bias, start, end)
             torch.softmax(block, dim=-1, out=block)
             out[:, start:end] = torch.bmm(block, v[:, :end])
             probs.append(block)
