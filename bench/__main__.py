@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench import bench_data, small_commands, train_speed
-from gptdist.attention_probe import MATMUL_MARGIN, AttentionShape, probe_attention
+from gptdist.attention_probe import AttentionShape, probe_attention
 from gptdist.metrics import measure_cpu_peak_flops
 from gptdist.model import preset
 from gptdist.precision_probe import BF16_MARGIN, isa_caps, model_matmuls
@@ -125,7 +125,7 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     rows += [row(f"{layer}, SDPA", attention.sdpa_s * 1e3, unit="ms"),
              row(f"{layer}, matmuls", attention.matmul_s * 1e3,
                  attention.sdpa_s * 1e3, unit="ms",
-                 note=f"attention auto chooses {attention.attention} (matmuls need <= 1/{MATMUL_MARGIN} of SDPA's time)")]
+                 note=f"attention auto chooses {attention.attention} (matmuls need <= 1/{attention.margin} of SDPA's time)")]
     raw: dict = {"peaks": peaks, "fast_bf16": fast_bf16, "precision_probe": asdict(probe),
                  "attention_probe": asdict(attention)}
     data = train_speed.ensure_shakespeare(tmp)

@@ -27,11 +27,18 @@ from gptdist.precision_probe import best_seconds_per_call, cache_file, cached_pa
 
 CACHE_FILE_NAME = "attention-probe.json"
 
-# The matmul path only when it is at least this much faster: it rounds the
-# scores to the compute dtype before the softmax (about twice SDPA's error
-# in bf16), which a lead of a few percent, within two probes' spread, would
-# not pay for.
-MATMUL_MARGIN = 1.1
+# In bf16 the matmul path only when it is at least this much faster: it
+# rounds the scores to bf16 before the softmax (about twice SDPA's error),
+# which a lead of a few percent, within two probes' spread, would not pay
+# for. In fp32 both are exact to fp32 rounding, so the faster one is taken:
+# on an Intel Xeon in fp32 the matmuls read 57.7 ms against SDPA's 60.6 and
+# the whole `mini` step 3.33 s against 3.39 (bench/README.md).
+BF16_MATMUL_MARGIN = 1.1
+
+
+def matmul_margin(precision: str) -> float:
+    """How many times faster than SDPA the matmuls must be, in `precision`."""
+    return BF16_MATMUL_MARGIN if precision == "bf16" else 1.0
 
 
 @dataclass(frozen=True)
@@ -51,11 +58,12 @@ class AttentionProbe:
     sdpa_s: float  # seconds per forward + backward of one layer's attention
     matmul_s: float
     cached: bool  # read from the cache file rather than measured in this process
+    margin: float  # matmul_margin of the precision measured
 
     def summary(self) -> str:
         source = "cached" if self.cached else "measured now"
         return (f"attention auto: {self.attention} (one layer forward + backward, {source}: SDPA "
-                f"{self.sdpa_s * 1e3:,.1f} ms, matmuls {self.matmul_s * 1e3:,.1f} ms; matmuls need {MATMUL_MARGIN}x)")
+                f"{self.sdpa_s * 1e3:,.1f} ms, matmuls {self.matmul_s * 1e3:,.1f} ms; matmuls need {self.margin}x)")
 
     def facts(self) -> dict[str, str]:
         """For the run's tags (`gptdist.attention_probe.*`)."""
@@ -64,9 +72,9 @@ class AttentionProbe:
                 "attention_probe.cached": str(self.cached).lower()}
 
 
-def choose_attention(sdpa_s: float, matmul_s: float) -> str:
-    """"matmul" if it beats SDPA by MATMUL_MARGIN, else "sdpa"."""
-    return "matmul" if matmul_s * MATMUL_MARGIN <= sdpa_s else "sdpa"
+def choose_attention(sdpa_s: float, matmul_s: float, precision: str) -> str:
+    """"matmul" if it beats SDPA by the margin of `precision`, else "sdpa"."""
+    return "matmul" if matmul_s * matmul_margin(precision) <= sdpa_s else "sdpa"
 
 
 def attention_runners(shape: AttentionShape) -> dict[str, Callable[[int], None]]:
@@ -104,7 +112,8 @@ def probe_attention(shape: AttentionShape, cache: Path | None,
     key = {"attention": asdict(shape), "matmul_query_block": QUERY_BLOCK, "matmul_backward": "blocked"}
     sdpa_s, matmul_s, cached = cached_pair(cache, key, ("sdpa_s", "matmul_s"),
                                            lambda: measure(shape))
-    return AttentionProbe(choose_attention(sdpa_s, matmul_s), sdpa_s, matmul_s, cached)
+    return AttentionProbe(choose_attention(sdpa_s, matmul_s, shape.precision), sdpa_s, matmul_s, cached,
+                          matmul_margin(shape.precision))
 
 
 def attention_cache_file() -> Path:

@@ -77,22 +77,25 @@ def test_a_model_trains_and_samples_the_same_with_either_attention():
         GPT(config, attention="flash")
 
 
-def test_matmuls_only_when_faster_by_the_margin():
-    assert choose_attention(sdpa_s=0.076, matmul_s=0.039) == "matmul"  # bf16 on AVX-512 BF16 without AMX
-    assert choose_attention(sdpa_s=0.091, matmul_s=0.222) == "sdpa"  # fp32 there
-    assert choose_attention(sdpa_s=1.0, matmul_s=0.95) == "sdpa"  # faster, but within the margin
-    assert choose_attention(sdpa_s=1.0, matmul_s=0.9) == "matmul"
+def test_matmuls_in_bf16_only_when_faster_by_the_margin_in_fp32_when_faster():
+    assert choose_attention(sdpa_s=0.076, matmul_s=0.039, precision="bf16") == "matmul"  # AVX-512 BF16, no AMX
+    assert choose_attention(sdpa_s=0.091, matmul_s=0.222, precision="fp32") == "sdpa"  # fp32 there
+    assert choose_attention(sdpa_s=1.0, matmul_s=0.95, precision="bf16") == "sdpa"  # faster, but within the margin
+    assert choose_attention(sdpa_s=1.0, matmul_s=0.9, precision="bf16") == "matmul"
+    # In fp32 both are exact to fp32 rounding: the faster wins, however narrowly.
+    assert choose_attention(sdpa_s=0.0606, matmul_s=0.0577, precision="fp32") == "matmul"
+    assert choose_attention(sdpa_s=0.0577, matmul_s=0.0606, precision="fp32") == "sdpa"
 
 
 def test_cached_timings_are_reused_per_shape(tmp_path):
     cache = tmp_path / "attention-probe.json"
     measure = FixedMeasure(0.08, 0.04)
-    assert probe_attention(SHAPE, cache, measure) == AttentionProbe("matmul", 0.08, 0.04, cached=False)
-    assert probe_attention(SHAPE, cache, measure) == AttentionProbe("matmul", 0.08, 0.04, cached=True)
+    assert probe_attention(SHAPE, cache, measure) == AttentionProbe("matmul", 0.08, 0.04, cached=False, margin=1.1)
+    assert probe_attention(SHAPE, cache, measure) == AttentionProbe("matmul", 0.08, 0.04, cached=True, margin=1.1)
     assert measure.calls == 1
     fp32 = AttentionShape(2, 2, 32, 16, "fp32")
     other = probe_attention(fp32, cache, FixedMeasure(0.09, 0.2))
-    assert other == AttentionProbe("sdpa", 0.09, 0.2, cached=False)
+    assert other == AttentionProbe("sdpa", 0.09, 0.2, cached=False, margin=1.0)
     entries = json.loads(cache.read_text()).values()
     assert sorted(e["attention"]["precision"] for e in entries) == ["bf16", "fp32"]
 
@@ -102,7 +105,7 @@ def test_timings_of_another_matmul_path_are_measured_again(tmp_path, monkeypatch
     probe_attention(SHAPE, cache, FixedMeasure(0.08, 0.04))
     monkeypatch.setattr(attention_probe, "QUERY_BLOCK", QUERY_BLOCK * 2)
     again = FixedMeasure(0.05, 0.06)
-    assert probe_attention(SHAPE, cache, again) == AttentionProbe("sdpa", 0.05, 0.06, cached=False)
+    assert probe_attention(SHAPE, cache, again) == AttentionProbe("sdpa", 0.05, 0.06, cached=False, margin=1.1)
     assert again.calls == 1
 
 
@@ -121,7 +124,7 @@ def test_forced_attention_wins_and_gpus_use_sdpa():
     assert resolve_attention("matmul", cpu, must_not_run) == ("matmul", None)
     assert resolve_attention("sdpa", cpu, must_not_run) == ("sdpa", None)
     assert resolve_attention("auto", cuda, must_not_run) == ("sdpa", None)
-    probed = AttentionProbe("matmul", 0.08, 0.04, cached=True)
+    probed = AttentionProbe("matmul", 0.08, 0.04, cached=True, margin=1.1)
     assert resolve_attention("auto", cpu, lambda: probed) == ("matmul", probed)
 
 

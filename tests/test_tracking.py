@@ -128,13 +128,14 @@ def test_auto_run_tags_its_attention_and_the_probe_timings(server_run, mlflow_se
     sdpa_ms = float(tags["gptdist.attention_probe.sdpa_ms"])
     matmul_ms = float(tags["gptdist.attention_probe.matmul_ms"])
     assert sdpa_ms > 0 and matmul_ms > 0
-    assert tags["gptdist.attention"] == choose_attention(sdpa_ms / 1e3, matmul_ms / 1e3)
+    measured_in = "bf16" if tags["gptdist.precision"] == "bf16" else "fp32"
+    assert tags["gptdist.attention"] == choose_attention(sdpa_ms / 1e3, matmul_ms / 1e3, measured_in)
     assert tags["gptdist.attention_probe.cached"] == "false"
     (entry,) = json.loads((probe_cache_dir / "attention-probe.json").read_text()).values()
     assert entry["sdpa_s"] * 1e3 == pytest.approx(sdpa_ms, abs=0.01)
     # measured at the run's shape (nano, 4 sequences a worker) in the precision it chose
     assert entry["attention"] == {"batch": 4, "heads": 2, "positions": BLOCK, "head_dim": 32,
-                                  "precision": "bf16" if tags["gptdist.precision"] == "bf16" else "fp32"}
+                                  "precision": measured_in}
 
 
 def test_resumed_run_appends_to_the_same_mlflow_run(server_run, server_run_dir, tiny_dataset, mlflow_server):
