@@ -44,6 +44,7 @@ def one_pair(preset_name: str, data_path: str, overrides: list[str]) -> dict:
     run = train_speed.gptdist_run(preset_name, GPTDIST_STEPS, data_path, *overrides)
     return {"at": datetime.now().isoformat(timespec="seconds"), "plain_tokens_per_s": plain["tokens_per_s"],
             "gptdist_tokens_per_s": run["tokens_per_s"], "gptdist_mfu": run["mfu_reported"],
+            "gptdist_precision": run["precision"], "gptdist_attention": run["attention"],
             "ratio": run["tokens_per_s"] / plain["tokens_per_s"]}
 
 
@@ -70,7 +71,8 @@ def main() -> None:
                 pairs.append(one_pair(args.preset, data, args.overrides))
                 p = pairs[-1]
                 print(f"{p['at']}: plain {p['plain_tokens_per_s']:,.0f} tok/s, gptdist "
-                      f"{p['gptdist_tokens_per_s']:,.0f} tok/s: {p['ratio']:.2f}x", flush=True)
+                      f"{p['gptdist_tokens_per_s']:,.0f} tok/s ({p['gptdist_precision']}, {p['gptdist_attention']} "
+                      f"attention): {p['ratio']:.2f}x", flush=True)
     finally:
         shutdown_ray()
     settings = ", ".join(args.overrides) or "default settings"

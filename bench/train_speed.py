@@ -237,7 +237,10 @@ def gptdist_run(preset_name: str, steps: int, data_path: str, *overrides: str) -
         history = lambda key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
         tps = history("tokens_per_s")
         first_step_s = history("time_to_first_step_s")
+        tags = client.get_run(run_id).data.tags
         return {
+            "precision": tags.get("gptdist.precision"),  # what `auto` chose, or the setting
+            "attention": tags.get("gptdist.attention"),
             "tokens_per_s": statistics.median(tps[2:] if len(tps) > 3 else tps[1:]),
             "mfu_reported": statistics.median(history("mfu")[2:] or history("mfu")),
             "losses": history("train/loss"),
