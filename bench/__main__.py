@@ -125,7 +125,7 @@ def measure_training(quick: bool, tmp: Path) -> tuple[list[dict], dict]:
     rows += [row(f"{layer}, SDPA", attention.sdpa_s * 1e3, unit="ms"),
              row(f"{layer}, matmuls", attention.matmul_s * 1e3,
                  attention.sdpa_s * 1e3, unit="ms",
-                 note=f"attention auto chooses {attention.attention} (matmuls need <= 1/{attention.margin} of SDPA's time)")]
+                 note=f"attention auto chooses {attention.attention} ({attention.rule()})")]
     raw: dict = {"peaks": peaks, "fast_bf16": fast_bf16, "precision_probe": asdict(probe),
                  "attention_probe": asdict(attention)}
     data = train_speed.ensure_shakespeare(tmp)

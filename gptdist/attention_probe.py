@@ -63,7 +63,10 @@ class AttentionProbe:
     def summary(self) -> str:
         source = "cached" if self.cached else "measured now"
         return (f"attention auto: {self.attention} (one layer forward + backward, {source}: SDPA "
-                f"{self.sdpa_s * 1e3:,.1f} ms, matmuls {self.matmul_s * 1e3:,.1f} ms; matmuls need {self.margin}x)")
+                f"{self.sdpa_s * 1e3:,.1f} ms, matmuls {self.matmul_s * 1e3:,.1f} ms; {self.rule()})")
+
+    def rule(self) -> str:
+        return "the faster is taken" if self.margin == 1.0 else f"matmuls need {self.margin}x"
 
     def facts(self) -> dict[str, str]:
         """For the run's tags (`gptdist.attention_probe.*`)."""

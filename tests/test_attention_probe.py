@@ -85,6 +85,10 @@ def test_matmuls_in_bf16_only_when_faster_by_the_margin_in_fp32_when_faster():
     # In fp32 both are exact to fp32 rounding: the faster wins, however narrowly.
     assert choose_attention(sdpa_s=0.0606, matmul_s=0.0577, precision="fp32") == "matmul"
     assert choose_attention(sdpa_s=0.0577, matmul_s=0.0606, precision="fp32") == "sdpa"
+    fp32 = probe_attention(AttentionShape(2, 2, 32, 16, "fp32"), None, FixedMeasure(0.0606, 0.0577))
+    assert fp32.attention == "matmul" and "the faster is taken" in fp32.summary()
+    bf16 = probe_attention(SHAPE, None, FixedMeasure(0.0606, 0.0577))
+    assert bf16.attention == "sdpa" and "matmuls need 1.1x" in bf16.summary()
 
 
 def test_cached_timings_are_reused_per_shape(tmp_path):
