@@ -66,6 +66,7 @@ class AttentionProbe:
                 f"{self.sdpa_s * 1e3:,.1f} ms, matmuls {self.matmul_s * 1e3:,.1f} ms; {self.rule()})")
 
     def rule(self) -> str:
+        """How the choice was made, for the printed line and the bench table."""
         return "the faster is taken" if self.margin == 1.0 else f"matmuls need {self.margin}x"
 
     def facts(self) -> dict[str, str]:
